@@ -1,0 +1,147 @@
+//! Request and response bodies of the HTTP API (API.md), with their OpenAPI schemas.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// POST /v1/tokens
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IssueTokenRequest {
+    /// `sub` of the token.
+    pub subject: String,
+    /// `aud` of the token.
+    pub audience: String,
+    /// Lifetime; at most the configured maximum (a larger value is a 400, never clamped).
+    #[serde(default)]
+    pub ttl_seconds: Option<u64>,
+    /// Scopes (RFC 6749 scope tokens), joined with spaces into `scope`.
+    #[serde(default)]
+    pub scopes: Option<Vec<String>>,
+    /// When true the token may be redeemed once only.
+    #[serde(default)]
+    pub one_time: Option<bool>,
+    /// RFC 7638 thumbprint of the key the token is bound to (RFC 9449 `cnf.jkt`).
+    #[serde(default)]
+    pub cnf_jkt: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct IssueTokenResponse {
+    /// The provisioning token (JWS compact serialization).
+    pub token: String,
+    pub jti: String,
+    pub kid: String,
+    /// RFC 3339 UTC.
+    pub expires_at: String,
+}
+
+/// POST /v1/tokens/introspect (also as a form, RFC 7662 §2.1).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IntrospectRequest {
+    pub token: String,
+    /// RFC 7662 allows a hint; keygate knows one token type and ignores it.
+    #[serde(default)]
+    pub token_type_hint: Option<String>,
+}
+
+/// RFC 7662 §2.2 answer. Only `active` is present for tokens keygate did not issue.
+#[derive(Debug, Default, Serialize, Deserialize, ToSchema)]
+pub struct IntrospectResponse {
+    pub active: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sub: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub aud: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exp: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iat: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jti: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kid: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_type: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revoked: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redeemed: Option<bool>,
+}
+
+/// One signing key (GET /v1/keys).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct KeyView {
+    pub kid: String,
+    /// `next`, `active`, `retiring` or `retired`.
+    pub state: String,
+    /// RFC 7512 PKCS#11 URI (or `tpm:` URI); never carries a PIN.
+    pub uri: String,
+    pub backend: String,
+    pub created_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub activated_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retire_at: Option<String>,
+    /// Public JWK.
+    #[schema(value_type = Object)]
+    pub jwk: serde_json::Value,
+    /// Self-signed X.509 CA certificate (PEM), signed inside the hardware.
+    pub certificate: String,
+}
+
+/// POST /v1/api-tokens
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateApiTokenRequest {
+    pub name: String,
+    /// Any of `admin`, `tokens:issue`, `tokens:read`, `tokens:revoke`, `keys:read`,
+    /// `keys:rotate`, `audit:read`, `enroll:admin`.
+    pub scopes: Vec<String>,
+    #[serde(default)]
+    pub ttl_seconds: Option<u64>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct CreateApiTokenResponse {
+    pub id: String,
+    /// The secret, shown this once.
+    pub token: String,
+    /// RFC 3339 UTC, or null when the token does not expire.
+    pub expires_at: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ApiTokenView {
+    pub id: String,
+    pub name: String,
+    pub scopes: Vec<String>,
+    pub created_at: String,
+    pub expires_at: Option<String>,
+    pub created_by: String,
+}
+
+/// GET /.well-known/keygate-configuration
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Configuration {
+    pub issuer: String,
+    pub jwks_uri: String,
+    pub revocations_uri: String,
+    pub revocations_stream_uri: String,
+    pub token_endpoint: String,
+    pub redeem_endpoint: String,
+    pub enroll_endpoint: String,
+    pub introspection_endpoint: String,
+}
+
+/// GET /readyz, /healthz
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Status {
+    pub status: String,
+}

@@ -1,0 +1,241 @@
+//! RFC 9457 problem documents: one `ApiError`, one `IntoResponse`.
+//!
+//! A 5xx body says little (which component, not why); the real error is logged inside the
+//! request span.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::authority::{AuthorityError, Scope};
+use crate::keys::KeyError;
+use crate::store::StoreError;
+
+/// RFC 9457 problem details.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, utoipa::ToSchema, PartialEq, Eq)]
+pub struct Problem {
+    /// A URN naming the problem type, e.g. `urn:keygate:problem:invalid-request`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    pub title: String,
+    pub status: u16,
+    pub detail: String,
+}
+
+/// Every error an endpoint can answer with.
+#[derive(Debug)]
+pub enum ApiError {
+    BadRequest(String),
+    Unauthorized(String),
+    Forbidden(Scope),
+    NotFound(String),
+    MethodNotAllowed,
+    Conflict(String),
+    PayloadTooLarge,
+    UnsupportedMediaType(String),
+    /// A component (key backend, store) cannot serve now; the string names it.
+    Unavailable(&'static str),
+    Internal,
+}
+
+impl ApiError {
+    fn parts(&self) -> (StatusCode, &'static str, &'static str, String) {
+        use ApiError::*;
+        match self {
+            BadRequest(d) => (
+                StatusCode::BAD_REQUEST,
+                "invalid-request",
+                "Invalid request",
+                d.clone(),
+            ),
+            Unauthorized(d) => (
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "Unauthorized",
+                d.clone(),
+            ),
+            Forbidden(s) => (
+                StatusCode::FORBIDDEN,
+                "insufficient-scope",
+                "Insufficient scope",
+                format!("this API token lacks the scope {s}"),
+            ),
+            NotFound(d) => (StatusCode::NOT_FOUND, "not-found", "Not found", d.clone()),
+            MethodNotAllowed => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method-not-allowed",
+                "Method not allowed",
+                "this endpoint does not accept that method".into(),
+            ),
+            Conflict(d) => (StatusCode::CONFLICT, "conflict", "Conflict", d.clone()),
+            PayloadTooLarge => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload-too-large",
+                "Payload too large",
+                "the request body exceeds 64 KiB".into(),
+            ),
+            UnsupportedMediaType(d) => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported-media-type",
+                "Unsupported media type",
+                d.clone(),
+            ),
+            Unavailable(what) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "Service unavailable",
+                format!("the {what} is unavailable; retry later"),
+            ),
+            Internal => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "Internal error",
+                "an internal error occurred; it has been logged".into(),
+            ),
+        }
+    }
+
+    /// The problem document this error renders as.
+    pub fn problem(&self) -> Problem {
+        let (status, slug, title, detail) = self.parts();
+        Problem {
+            type_: format!("urn:keygate:problem:{slug}"),
+            title: title.into(),
+            status: status.as_u16(),
+            detail,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, slug, ..) = self.parts();
+        metrics::counter!("keygate_requests_failed_total", "reason" => slug).increment(1);
+        let body = serde_json::to_vec(&self.problem()).unwrap_or_default();
+        let mut res = (status, body).into_response();
+        let h = res.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        match &self {
+            ApiError::Unauthorized(d) => {
+                let v = if d.starts_with("missing") {
+                    "Bearer realm=\"keygate\"".to_owned()
+                } else {
+                    format!("Bearer realm=\"keygate\", error=\"invalid_token\", error_description=\"{d}\"")
+                };
+                if let Ok(v) = HeaderValue::from_str(&v) {
+                    h.insert(header::WWW_AUTHENTICATE, v);
+                }
+            }
+            ApiError::Forbidden(s) => {
+                let v = format!("Bearer realm=\"keygate\", error=\"insufficient_scope\", scope=\"{s}\"");
+                if let Ok(v) = HeaderValue::from_str(&v) {
+                    h.insert(header::WWW_AUTHENTICATE, v);
+                }
+            }
+            ApiError::Unavailable(_) => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            _ => {}
+        }
+        res
+    }
+}
+
+impl From<AuthorityError> for ApiError {
+    fn from(e: AuthorityError) -> Self {
+        match e {
+            AuthorityError::BadRequest(d) => ApiError::BadRequest(d),
+            AuthorityError::Unauthorized(d) => ApiError::Unauthorized(d),
+            AuthorityError::Forbidden(s) => ApiError::Forbidden(s),
+            AuthorityError::NotFound(d) => ApiError::NotFound(d),
+            AuthorityError::Conflict(d) => ApiError::Conflict(d),
+            AuthorityError::Backend(e) => {
+                tracing::error!(error = %e, "key backend failed");
+                match e {
+                    KeyError::Busy(_)
+                    | KeyError::Pkcs11 { .. }
+                    | KeyError::TokenNotFound(_)
+                    | KeyError::Login(_) => ApiError::Unavailable("key backend"),
+                    _ => ApiError::Internal,
+                }
+            }
+            AuthorityError::Store(e) => {
+                tracing::error!(error = %e, "store failed");
+                match e {
+                    StoreError::Conflict(d) => ApiError::Conflict(d),
+                    _ => ApiError::Unavailable("store"),
+                }
+            }
+            AuthorityError::Internal(d) => {
+                tracing::error!(error = %d, "internal error");
+                ApiError::Internal
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status_of(e: AuthorityError) -> u16 {
+        ApiError::from(e).problem().status
+    }
+
+    #[test]
+    fn domain_errors_map_to_problems() {
+        assert_eq!(status_of(AuthorityError::BadRequest("x".into())), 400);
+        assert_eq!(status_of(AuthorityError::Unauthorized("x".into())), 401);
+        assert_eq!(status_of(AuthorityError::Forbidden(Scope::KeysRead)), 403);
+        assert_eq!(status_of(AuthorityError::NotFound("x".into())), 404);
+        assert_eq!(status_of(AuthorityError::Conflict("x".into())), 409);
+        assert_eq!(status_of(AuthorityError::Backend(KeyError::Busy(10))), 503);
+        assert_eq!(
+            status_of(AuthorityError::Store(StoreError::Unavailable("db".into()))),
+            503
+        );
+        assert_eq!(
+            status_of(AuthorityError::Store(StoreError::Conflict("dup".into()))),
+            409
+        );
+        assert_eq!(status_of(AuthorityError::Internal("boom".into())), 500);
+    }
+
+    #[test]
+    fn five_hundreds_say_little() {
+        let p = ApiError::from(AuthorityError::Internal("pin=1234 in /secret/path".into())).problem();
+        assert!(!p.detail.contains("1234") && !p.detail.contains("secret"));
+        let p = ApiError::from(AuthorityError::Backend(KeyError::Pkcs11 {
+            function: "C_Sign".into(),
+            rv: "CKR_DEVICE_ERROR".into(),
+        }))
+        .problem();
+        assert_eq!(p.detail, "the key backend is unavailable; retry later");
+        assert_eq!(p.type_, "urn:keygate:problem:unavailable");
+    }
+
+    #[test]
+    fn unauthorized_carries_www_authenticate() {
+        let r = ApiError::Unauthorized("invalid token".into()).into_response();
+        assert_eq!(r.status(), 401);
+        let v = r
+            .headers()
+            .get(header::WWW_AUTHENTICATE)
+            .unwrap()
+            .to_str()
+            .unwrap();
+        assert!(v.starts_with("Bearer ") && v.contains("invalid_token"));
+        assert_eq!(r.headers()[header::CONTENT_TYPE], "application/problem+json");
+        let r = ApiError::Forbidden(Scope::TokensIssue).into_response();
+        assert!(
+            r.headers()[header::WWW_AUTHENTICATE]
+                .to_str()
+                .unwrap()
+                .contains("scope=\"tokens:issue\"")
+        );
+    }
+}

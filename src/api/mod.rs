@@ -1,0 +1,125 @@
+//! The axum front end: routes, conventions of API.md (problem+json, 64 KiB, 415, strict
+//! JSON), a tracing span per request with its request id and matched route.
+
+mod dto;
+pub mod error;
+mod extract;
+mod openapi;
+mod operator;
+mod public;
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::http::HeaderName;
+use axum::response::Response;
+use axum::routing::{delete, get, post};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+use tracing::Span;
+
+pub use dto::*;
+pub use error::{ApiError, Problem};
+pub use public::JWKS_MAX_AGE;
+
+use crate::authority::Authority;
+
+/// Shared state of every handler.
+#[derive(Clone)]
+pub struct AppState {
+    pub authority: Arc<Authority>,
+    /// Public base URL (no trailing slash).
+    pub base_url: String,
+    pub metrics: PrometheusHandle,
+}
+
+/// The process-wide Prometheus recorder (installed once).
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let buckets = [
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ];
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_duration_seconds".into()), &buckets)
+                .unwrap_or_else(|_| PrometheusBuilder::new());
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder was already installed");
+            }
+            for name in [
+                "keygate_tokens_issued_total",
+                "keygate_tokens_redeemed_total",
+                "keygate_tokens_revoked_total",
+            ] {
+                metrics::counter!(name).absolute(0);
+            }
+            for outcome in ["success", "refused"] {
+                metrics::counter!("keygate_enrollments_total", "outcome" => outcome).absolute(0);
+            }
+            metrics::describe_histogram!(
+                "keygate_issue_duration_seconds",
+                metrics::Unit::Seconds,
+                "Issuance latency, request to answer"
+            );
+            metrics::describe_histogram!(
+                "keygate_backend_sign_duration_seconds",
+                metrics::Unit::Seconds,
+                "One signature in the key backend"
+            );
+            metrics::describe_counter!(
+                "keygate_requests_failed_total",
+                "Requests answered with a problem, by reason"
+            );
+            metrics::describe_counter!("keygate_enrollments_total", "Enrollments, by outcome");
+            handle
+        })
+        .clone()
+}
+
+/// Builds the router over `state`.
+pub fn router(state: AppState) -> Router {
+    let x_request_id = HeaderName::from_static("x-request-id");
+    Router::new()
+        .route("/.well-known/jwks.json", get(public::jwks))
+        .route("/.well-known/keygate-configuration", get(public::configuration))
+        .route("/healthz", get(public::healthz))
+        .route("/readyz", get(public::readyz))
+        .route("/metrics", get(public::metrics))
+        .route("/openapi.json", get(public::openapi))
+        .route("/v1/tokens", post(operator::issue_token))
+        .route("/v1/tokens/introspect", post(operator::introspect))
+        .route("/v1/keys", get(operator::list_keys))
+        .route("/v1/api-tokens", post(operator::create_api_token).get(operator::list_api_tokens))
+        .route("/v1/api-tokens/{id}", delete(operator::delete_api_token))
+        .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(DefaultBodyLimit::max(extract::BODY_LIMIT))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|req: &Request| {
+                    let route = req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_owned());
+                    let id = req
+                        .extensions()
+                        .get::<RequestId>()
+                        .and_then(|r| r.header_value().to_str().ok())
+                        .unwrap_or("-")
+                        .to_owned();
+                    tracing::info_span!("request", method = %req.method(), route = route.as_deref().unwrap_or("unmatched"), request_id = %id, status = tracing::field::Empty)
+                })
+                .on_request(())
+                .on_response(|res: &Response, latency: Duration, span: &Span| {
+                    span.record("status", res.status().as_u16());
+                    tracing::info!(status = res.status().as_u16(), latency_ms = latency.as_secs_f64() * 1e3, "answered");
+                })
+                .on_failure(()),
+        )
+        .layer(PropagateRequestIdLayer::new(x_request_id.clone()))
+        .layer(SetRequestIdLayer::new(x_request_id, MakeRequestUuid))
+        .with_state(state)
+}

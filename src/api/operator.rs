@@ -1,0 +1,205 @@
+//! Operator endpoints: provisioning tokens, keys, API tokens. Each checks the bearer token
+//! and its scope, converts the body, and calls the authority; no business rule lives here.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+
+use super::AppState;
+use super::dto::*;
+use super::error::{ApiError, Problem};
+use super::extract::{FormOrJson, Remote, StrictJson, bearer};
+use crate::authority::{IssueRequest, Principal, Scope, rfc3339};
+
+/// Authenticates the bearer token and checks `scope` (401 / 403, both audited).
+async fn authorize(
+    st: &AppState,
+    headers: &HeaderMap,
+    remote: &str,
+    scope: Scope,
+) -> Result<Principal, ApiError> {
+    let a = &st.authority;
+    let p = a.authenticate(bearer(headers), remote).await?;
+    a.require(&p, scope, remote).await?;
+    Ok(p)
+}
+
+/// Issues a provisioning token signed inside the hardware.
+#[utoipa::path(post, path = "/v1/tokens", tag = "tokens", request_body = IssueTokenRequest,
+    security(("bearer" = ["tokens:issue"])),
+    responses((status = 201, body = IssueTokenResponse), (status = 400, body = Problem),
+        (status = 401, body = Problem), (status = 403, body = Problem), (status = 413, body = Problem),
+        (status = 415, body = Problem), (status = 503, body = Problem)))]
+pub async fn issue_token(
+    State(st): State<AppState>,
+    Remote(remote): Remote,
+    headers: HeaderMap,
+    body: Result<StrictJson<IssueTokenRequest>, ApiError>,
+) -> Result<(StatusCode, Json<IssueTokenResponse>), ApiError> {
+    let who = authorize(&st, &headers, &remote, Scope::TokensIssue).await?;
+    let StrictJson(body) = body?;
+    let req = IssueRequest {
+        subject: body.subject,
+        audience: body.audience,
+        ttl_seconds: body.ttl_seconds,
+        scopes: body.scopes.unwrap_or_default(),
+        one_time: body.one_time.unwrap_or(false),
+        cnf_jkt: body.cnf_jkt,
+    };
+    let issued = st.authority.issue(&who, &req, &remote).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(IssueTokenResponse {
+            token: issued.token.to_string(),
+            jti: issued.jti.clone(),
+            kid: issued.kid.clone(),
+            expires_at: rfc3339(issued.expires_at),
+        }),
+    ))
+}
+
+/// RFC 7662 token introspection.
+#[utoipa::path(post, path = "/v1/tokens/introspect", tag = "tokens",
+    request_body(content = IntrospectRequest, content_type = "application/x-www-form-urlencoded"),
+    security(("bearer" = ["tokens:read"])),
+    responses((status = 200, body = IntrospectResponse), (status = 400, body = Problem),
+        (status = 401, body = Problem), (status = 403, body = Problem)))]
+pub async fn introspect(
+    State(st): State<AppState>,
+    Remote(remote): Remote,
+    headers: HeaderMap,
+    body: Result<FormOrJson<IntrospectRequest>, ApiError>,
+) -> Result<Json<IntrospectResponse>, ApiError> {
+    authorize(&st, &headers, &remote, Scope::TokensRead).await?;
+    let FormOrJson(body) = body?;
+    let i = st.authority.introspect(&body.token).await?;
+    let mut out = IntrospectResponse {
+        active: i.active,
+        ..Default::default()
+    };
+    if let Some((c, kid, revoked, redeemed)) = i.details {
+        out.sub = Some(c.sub.clone());
+        out.aud = Some(c.aud.to_vec());
+        out.scope = c.scope.clone();
+        out.exp = Some(c.exp);
+        out.iat = Some(c.iat);
+        out.nbf = Some(c.nbf);
+        out.iss = Some(c.iss.clone());
+        out.jti = Some(c.jti.clone());
+        out.kid = Some(kid);
+        out.token_type = Some("provisioning+jwt".into());
+        out.revoked = Some(revoked);
+        out.redeemed = Some(redeemed);
+    }
+    Ok(Json(out))
+}
+
+/// Every signing key with its state, URI and CA certificate.
+#[utoipa::path(get, path = "/v1/keys", tag = "keys", security(("bearer" = ["keys:read"])),
+    responses((status = 200, body = [KeyView]), (status = 401, body = Problem), (status = 403, body = Problem)))]
+pub async fn list_keys(
+    State(st): State<AppState>,
+    Remote(remote): Remote,
+    headers: HeaderMap,
+) -> Result<Json<Vec<KeyView>>, ApiError> {
+    authorize(&st, &headers, &remote, Scope::KeysRead).await?;
+    let rows = st
+        .authority
+        .store()
+        .signing_keys()
+        .await
+        .map_err(crate::authority::AuthorityError::from)?;
+    Ok(Json(
+        rows.into_iter()
+            .map(|r| KeyView {
+                jwk: serde_json::from_str(&r.jwk).unwrap_or(serde_json::Value::Null),
+                kid: r.kid,
+                state: r.state,
+                uri: r.uri,
+                backend: r.backend,
+                created_at: rfc3339(r.created_at),
+                activated_at: r.activated_at.map(rfc3339),
+                retire_at: r.retire_at.map(rfc3339),
+                certificate: r.certificate,
+            })
+            .collect(),
+    ))
+}
+
+/// Mints an operator API token; the secret is in this answer only.
+#[utoipa::path(post, path = "/v1/api-tokens", tag = "api-tokens", request_body = CreateApiTokenRequest,
+    security(("bearer" = ["admin"])),
+    responses((status = 201, body = CreateApiTokenResponse), (status = 400, body = Problem),
+        (status = 401, body = Problem), (status = 403, body = Problem)))]
+pub async fn create_api_token(
+    State(st): State<AppState>,
+    Remote(remote): Remote,
+    headers: HeaderMap,
+    body: Result<StrictJson<CreateApiTokenRequest>, ApiError>,
+) -> Result<(StatusCode, Json<CreateApiTokenResponse>), ApiError> {
+    let who = authorize(&st, &headers, &remote, Scope::Admin).await?;
+    let StrictJson(body) = body?;
+    let t = st
+        .authority
+        .create_api_token(
+            &who.id,
+            &body.name,
+            &body.scopes,
+            body.ttl_seconds,
+            false,
+            &remote,
+        )
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(CreateApiTokenResponse {
+            id: t.id.clone(),
+            token: t.secret.to_string(),
+            expires_at: t.expires_at.map(rfc3339),
+        }),
+    ))
+}
+
+/// Lists API tokens without their secrets.
+#[utoipa::path(get, path = "/v1/api-tokens", tag = "api-tokens", security(("bearer" = ["admin"])),
+    responses((status = 200, body = [ApiTokenView]), (status = 401, body = Problem), (status = 403, body = Problem)))]
+pub async fn list_api_tokens(
+    State(st): State<AppState>,
+    Remote(remote): Remote,
+    headers: HeaderMap,
+) -> Result<Json<Vec<ApiTokenView>>, ApiError> {
+    authorize(&st, &headers, &remote, Scope::Admin).await?;
+    let rows = st.authority.list_api_tokens().await?;
+    Ok(Json(
+        rows.into_iter()
+            .map(|r| ApiTokenView {
+                id: r.id,
+                name: r.name,
+                scopes: r
+                    .scopes
+                    .split(' ')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
+                created_at: rfc3339(r.created_at),
+                expires_at: r.expires_at.map(rfc3339),
+                created_by: r.created_by,
+            })
+            .collect(),
+    ))
+}
+
+/// Deletes an API token; it is refused from the next request on.
+#[utoipa::path(delete, path = "/v1/api-tokens/{id}", tag = "api-tokens", security(("bearer" = ["admin"])),
+    params(("id" = String, Path, description = "API token id")),
+    responses((status = 204), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem)))]
+pub async fn delete_api_token(
+    State(st): State<AppState>,
+    Remote(remote): Remote,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let who = authorize(&st, &headers, &remote, Scope::Admin).await?;
+    st.authority.delete_api_token(&who.id, &id, &remote).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,103 @@
+//! Endpoints without authentication: discovery, JWKS, health, readiness, metrics, OpenAPI.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+
+use super::AppState;
+use super::dto::{Configuration, Status};
+use super::error::{ApiError, Problem};
+
+/// `Cache-Control` of the JWKS (API.md: max-age at most 300).
+pub const JWKS_MAX_AGE: u64 = 60;
+
+/// RFC 7517 JWK Set of every key a verifier may meet (`next`, `active`, `retiring`).
+#[utoipa::path(get, path = "/.well-known/jwks.json", tag = "public",
+    responses((status = 200, description = "RFC 7517 JWK Set", content_type = "application/jwk-set+json")))]
+pub async fn jwks(State(st): State<AppState>) -> Response {
+    let ring = st.authority.key_ring();
+    let body = serde_json::to_vec(&ring.jwks).unwrap_or_default();
+    let mut res = body.into_response();
+    let h = res.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/jwk-set+json"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&format!("public, max-age={JWKS_MAX_AGE}")) {
+        h.insert(header::CACHE_CONTROL, v);
+    }
+    res
+}
+
+/// Discovery document.
+#[utoipa::path(get, path = "/.well-known/keygate-configuration", tag = "public",
+    responses((status = 200, body = Configuration)))]
+pub async fn configuration(State(st): State<AppState>) -> Json<Configuration> {
+    let b = &st.base_url;
+    Json(Configuration {
+        issuer: st.authority.settings().issuer.clone(),
+        jwks_uri: format!("{b}/.well-known/jwks.json"),
+        revocations_uri: format!("{b}/v1/revocations"),
+        revocations_stream_uri: format!("{b}/v1/revocations/stream"),
+        token_endpoint: format!("{b}/v1/tokens"),
+        redeem_endpoint: format!("{b}/v1/tokens/redeem"),
+        enroll_endpoint: format!("{b}/v1/enroll/challenge"),
+        introspection_endpoint: format!("{b}/v1/tokens/introspect"),
+    })
+}
+
+/// 200 while the process is up.
+#[utoipa::path(get, path = "/healthz", tag = "public", responses((status = 200, body = Status)))]
+pub async fn healthz() -> Json<Status> {
+    Json(Status { status: "ok".into() })
+}
+
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// 200 only while the key backend signs and the store answers; else 503 naming which.
+#[utoipa::path(get, path = "/readyz", tag = "public",
+    responses((status = 200, body = Status), (status = 503, body = Problem)))]
+pub async fn readyz(State(st): State<AppState>) -> Result<Json<Status>, ApiError> {
+    let a = &st.authority;
+    match tokio::time::timeout(PROBE_TIMEOUT, a.probe_backend()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "readiness: key backend cannot sign");
+            return Err(ApiError::Unavailable("key backend"));
+        }
+        Err(_) => return Err(ApiError::Unavailable("key backend")),
+    }
+    match tokio::time::timeout(PROBE_TIMEOUT, a.store().ping()).await {
+        Ok(Ok(())) => Ok(Json(Status {
+            status: "ready".into(),
+        })),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "readiness: store does not answer");
+            Err(ApiError::Unavailable("store"))
+        }
+        Err(_) => Err(ApiError::Unavailable("store")),
+    }
+}
+
+/// Prometheus text format.
+#[utoipa::path(get, path = "/metrics", tag = "public",
+    responses((status = 200, description = "Prometheus text exposition format", content_type = "text/plain")))]
+pub async fn metrics(State(st): State<AppState>) -> Response {
+    let mut res = st.metrics.render().into_response();
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    res
+}
+
+/// This API as an OpenAPI 3.1 document, generated from the code.
+#[utoipa::path(get, path = "/openapi.json", tag = "public",
+    responses((status = 200, description = "OpenAPI 3.1 document")))]
+pub async fn openapi() -> Response {
+    let doc = super::openapi::document();
+    ([(header::CONTENT_TYPE, "application/json")], doc).into_response()
+}

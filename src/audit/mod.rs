@@ -1,0 +1,135 @@
+//! Audit entries and their hash chain.
+//!
+//! Each entry's `hash` is the lowercase hex SHA-256 of the previous entry's hash (64 zeros
+//! for the first), a newline, and the entry's canonical JSON (fixed member order, no
+//! whitespace). Editing, deleting or reordering any row breaks the chain from there on.
+//! Signed checkpoints and `keygate audit verify` come with the lifecycle work (issue 4).
+
+use aws_lc_rs::digest;
+use serde::{Deserialize, Serialize};
+
+/// `prev_hash` of the first entry.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// What happened, as the caller knows it. Never holds a secret: targets are ids (jti, API
+/// token id, kid), never tokens.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// API token id, `cli`, or `anonymous`.
+    pub actor: String,
+    /// Dotted verb, e.g. `token.issue`, `api_token.delete`.
+    pub action: String,
+    pub target: String,
+    /// `success`, or a short reason for refusal.
+    pub outcome: String,
+    pub remote_addr: String,
+}
+
+impl AuditRecord {
+    pub fn new(actor: &str, action: &str, target: &str, outcome: &str, remote_addr: &str) -> Self {
+        AuditRecord {
+            actor: actor.into(),
+            action: action.into(),
+            target: target.into(),
+            outcome: outcome.into(),
+            remote_addr: remote_addr.into(),
+        }
+    }
+}
+
+/// An entry as stored: the record plus its place in the chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub seq: i64,
+    pub at: i64,
+    #[serde(flatten)]
+    pub record: AuditRecord,
+    pub prev_hash: String,
+    pub hash: String,
+}
+
+#[derive(Serialize)]
+struct Canonical<'a> {
+    seq: i64,
+    at: i64,
+    actor: &'a str,
+    action: &'a str,
+    target: &'a str,
+    outcome: &'a str,
+    remote_addr: &'a str,
+}
+
+/// The chain hash of an entry with this content after `prev_hash`.
+pub fn chain_hash(prev_hash: &str, seq: i64, at: i64, r: &AuditRecord) -> String {
+    let canonical = Canonical {
+        seq,
+        at,
+        actor: &r.actor,
+        action: &r.action,
+        target: &r.target,
+        outcome: &r.outcome,
+        remote_addr: &r.remote_addr,
+    };
+    let json = serde_json::to_vec(&canonical).unwrap_or_default();
+    let mut ctx = digest::Context::new(&digest::SHA256);
+    ctx.update(prev_hash.as_bytes());
+    ctx.update(b"\n");
+    ctx.update(&json);
+    hex::encode(ctx.finish())
+}
+
+/// Checks a run of entries that starts at the beginning of the log (or after `prev`), and
+/// returns the seq of the first entry that does not follow.
+pub fn first_broken(entries: &[AuditEntry], prev: Option<(i64, &str)>) -> Option<i64> {
+    let (mut last_seq, mut last_hash) = prev
+        .map(|(s, h)| (s, h.to_owned()))
+        .unwrap_or((0, GENESIS.to_owned()));
+    for e in entries {
+        let expected = chain_hash(&last_hash, e.seq, e.at, &e.record);
+        if e.seq != last_seq + 1 || e.prev_hash != last_hash || e.hash != expected {
+            return Some(e.seq);
+        }
+        last_seq = e.seq;
+        last_hash = e.hash.clone();
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chain(n: i64) -> Vec<AuditEntry> {
+        let mut prev = GENESIS.to_owned();
+        (1..=n)
+            .map(|seq| {
+                let record =
+                    AuditRecord::new("t1", "token.issue", &format!("jti{seq}"), "success", "127.0.0.1");
+                let hash = chain_hash(&prev, seq, 1000 + seq, &record);
+                let e = AuditEntry {
+                    seq,
+                    at: 1000 + seq,
+                    record,
+                    prev_hash: prev.clone(),
+                    hash: hash.clone(),
+                };
+                prev = hash;
+                e
+            })
+            .collect()
+    }
+
+    #[test]
+    fn clean_chain_verifies_and_edits_are_found() {
+        let mut c = chain(5);
+        assert_eq!(first_broken(&c, None), None);
+        c[2].record.outcome = "denied".into();
+        assert_eq!(first_broken(&c, None), Some(3));
+        let mut c = chain(5);
+        c.remove(1);
+        assert_eq!(first_broken(&c, None), Some(3));
+        let mut c = chain(5);
+        c.swap(3, 4);
+        assert_eq!(first_broken(&c, None), Some(5));
+    }
+}

@@ -1,0 +1,276 @@
+//! Issuing provisioning tokens, and introspecting them (RFC 7662).
+
+use std::time::Instant;
+
+use zeroize::Zeroizing;
+
+use super::{Authority, AuthorityError, Principal, now, random_bytes};
+use crate::audit::AuditRecord;
+use crate::store::{IssuedToken, WriteOp};
+use crate::token::{self, Audience, Claims, Confirmation, Header, b64, jws};
+
+/// Longest `sub` / `aud` accepted.
+const MAX_NAME: usize = 256;
+/// Most scopes in one token.
+const MAX_SCOPES: usize = 32;
+
+/// What an operator asks for.
+#[derive(Debug, Clone, Default)]
+pub struct IssueRequest {
+    pub subject: String,
+    pub audience: String,
+    pub ttl_seconds: Option<u64>,
+    pub scopes: Vec<String>,
+    pub one_time: bool,
+    pub cnf_jkt: Option<String>,
+}
+
+/// A signed, recorded token. The token text is wiped on drop.
+pub struct Issued {
+    pub token: Zeroizing<String>,
+    pub jti: String,
+    pub kid: String,
+    pub expires_at: i64,
+}
+
+impl std::fmt::Debug for Issued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Issued")
+            .field("jti", &self.jti)
+            .field("kid", &self.kid)
+            .finish_non_exhaustive()
+    }
+}
+
+/// RFC 7662 answer, with keygate's `kid`, `revoked` and `redeemed`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Introspection {
+    pub active: bool,
+    /// Present when the token is one of ours (signature verifies, jti recorded).
+    pub details: Option<(Claims, String, bool, bool)>,
+}
+
+fn check_name(field: &str, v: &str) -> Result<(), AuthorityError> {
+    if v.is_empty() {
+        return Err(AuthorityError::BadRequest(format!("{field} must not be empty")));
+    }
+    if v.len() > MAX_NAME {
+        return Err(AuthorityError::BadRequest(format!(
+            "{field} is longer than {MAX_NAME} bytes"
+        )));
+    }
+    if v.trim() != v || v.chars().any(char::is_control) {
+        return Err(AuthorityError::BadRequest(format!(
+            "{field} must not have control characters or surrounding whitespace"
+        )));
+    }
+    Ok(())
+}
+
+/// RFC 6749 §3.3 scope-token: 1*( %x21 / %x23-5B / %x5D-7E ).
+fn is_scope_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b == 0x21 || (0x23..=0x5b).contains(&b) || (0x5d..=0x7e).contains(&b))
+}
+
+impl IssueRequest {
+    /// Checks the request against the policy; returns the TTL to use.
+    fn validate(&self, default_ttl: u64, max_ttl: u64) -> Result<u64, AuthorityError> {
+        check_name("subject", &self.subject)?;
+        check_name("audience", &self.audience)?;
+        let ttl = self.ttl_seconds.unwrap_or(default_ttl);
+        if ttl == 0 {
+            return Err(AuthorityError::BadRequest("ttl_seconds must be positive".into()));
+        }
+        if ttl > max_ttl {
+            return Err(AuthorityError::BadRequest(format!(
+                "ttl_seconds {ttl} exceeds the maximum of {max_ttl}"
+            )));
+        }
+        if self.scopes.len() > MAX_SCOPES {
+            return Err(AuthorityError::BadRequest(format!("at most {MAX_SCOPES} scopes")));
+        }
+        if let Some(bad) = self.scopes.iter().find(|s| !is_scope_token(s)) {
+            return Err(AuthorityError::BadRequest(format!(
+                "scope {bad:?} is not an RFC 6749 scope token (printable ASCII, no space, quote or backslash)"
+            )));
+        }
+        if let Some(jkt) = &self.cnf_jkt {
+            if b64::decode(jkt).is_none_or(|d| d.len() != 32) {
+                return Err(AuthorityError::BadRequest(
+                    "cnf_jkt must be a base64url SHA-256 JWK thumbprint (43 characters)".into(),
+                ));
+            }
+        }
+        Ok(ttl)
+    }
+}
+
+impl Authority {
+    /// Validates, signs inside the hardware with the active key, records the token and its
+    /// audit entry, and only then returns it. Nothing is recorded for an invalid request;
+    /// nothing is returned if recording fails.
+    #[tracing::instrument(skip_all, fields(kid, jti))]
+    pub async fn issue(
+        &self,
+        who: &Principal,
+        req: &IssueRequest,
+        remote: &str,
+    ) -> Result<Issued, AuthorityError> {
+        let started = Instant::now();
+        let ttl = req.validate(self.settings.default_ttl, self.settings.max_ttl)?;
+        let ring = self.key_ring();
+        let iat = now();
+        let jti = b64::encode(random_bytes::<16>()?);
+        let mut scopes: Vec<String> = Vec::new();
+        for s in &req.scopes {
+            if !scopes.contains(s) {
+                scopes.push(s.clone());
+            }
+        }
+        let claims = Claims {
+            iss: self.settings.issuer.clone(),
+            sub: req.subject.clone(),
+            aud: Audience::One(req.audience.clone()),
+            iat,
+            nbf: iat,
+            exp: iat + ttl as i64,
+            jti: jti.clone(),
+            scope: (!scopes.is_empty()).then(|| scopes.join(" ")),
+            cnf: req.cnf_jkt.clone().map(|jkt| Confirmation { jkt }),
+            one_time: req.one_time.then_some(true),
+        };
+        let payload = serde_json::to_vec(&claims).map_err(|e| AuthorityError::Internal(e.to_string()))?;
+        let input = jws::signing_input(
+            &Header::es256(token::TYP_PROVISIONING, &ring.active.kid),
+            &payload,
+        )
+        .map_err(|e| AuthorityError::Internal(e.to_string()))?;
+        let signer = ring.active.signer.clone();
+        let sign_started = Instant::now();
+        let (input, sig) = tokio::task::spawn_blocking(move || {
+            let sig = signer.sign_raw(input.as_bytes());
+            (input, sig)
+        })
+        .await
+        .map_err(|e| AuthorityError::Internal(e.to_string()))?;
+        metrics::histogram!("keygate_backend_sign_duration_seconds")
+            .record(sign_started.elapsed().as_secs_f64());
+        let sig = sig?;
+        let token = Zeroizing::new(jws::assemble(&input, &sig));
+        tracing::Span::current()
+            .record("kid", ring.active.kid.as_str())
+            .record("jti", jti.as_str());
+        let row = IssuedToken {
+            jti: jti.clone(),
+            kid: ring.active.kid.clone(),
+            sub: claims.sub.clone(),
+            aud: req.audience.clone(),
+            scopes: claims.scope.clone().unwrap_or_default(),
+            iat,
+            nbf: iat,
+            exp: claims.exp,
+            one_time: req.one_time,
+            cnf_jkt: req.cnf_jkt.clone(),
+            issued_by: who.id.clone(),
+        };
+        self.store
+            .write(
+                vec![WriteOp::InsertIssued(row)],
+                AuditRecord::new(&who.id, "token.issue", &jti, "success", remote),
+            )
+            .await?;
+        metrics::counter!("keygate_tokens_issued_total").increment(1);
+        metrics::histogram!("keygate_issue_duration_seconds").record(started.elapsed().as_secs_f64());
+        Ok(Issued {
+            token,
+            jti,
+            kid: ring.active.kid.clone(),
+            expires_at: claims.exp,
+        })
+    }
+
+    /// RFC 7662 introspection from the issuer's own view: no clock leeway, the token must be
+    /// ours (signature by a published key, `iss` ours, jti recorded), unexpired, not revoked,
+    /// and (if one-time) not yet redeemed.
+    pub async fn introspect(&self, token: &str) -> Result<Introspection, AuthorityError> {
+        let ring = self.key_ring();
+        let Ok(claims) = ring
+            .verifier
+            .verify_signed::<Claims>(token, token::TYP_PROVISIONING)
+        else {
+            return Ok(Introspection::default());
+        };
+        if claims.iss != self.settings.issuer {
+            return Ok(Introspection::default());
+        }
+        let Some((row, status)) = self.store.issued_token(&claims.jti).await? else {
+            return Ok(Introspection::default());
+        };
+        let kid = row.kid.clone();
+        let revoked = status.revoked_at.is_some();
+        let redeemed = status.redeemed_at.is_some();
+        let timely = token::verify::check_times(&claims, now(), 0).is_ok();
+        let active = timely && !revoked && !(row.one_time && redeemed);
+        Ok(Introspection {
+            active,
+            details: Some((claims, kid, revoked, redeemed)),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req() -> IssueRequest {
+        IssueRequest {
+            subject: "node-1".into(),
+            audience: "fleet".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn validation() {
+        assert_eq!(req().validate(900, 3600).unwrap(), 900);
+        let r = IssueRequest {
+            ttl_seconds: Some(3601),
+            ..req()
+        };
+        assert!(
+            r.validate(900, 3600)
+                .unwrap_err()
+                .to_string()
+                .contains("exceeds the maximum")
+        );
+        let r = IssueRequest {
+            subject: "".into(),
+            ..req()
+        };
+        assert!(r.validate(900, 3600).is_err());
+        let r = IssueRequest {
+            subject: " x".into(),
+            ..req()
+        };
+        assert!(r.validate(900, 3600).is_err());
+        let r = IssueRequest {
+            scopes: vec!["a b".into()],
+            ..req()
+        };
+        assert!(r.validate(900, 3600).is_err());
+        let r = IssueRequest {
+            scopes: vec!["read:x".into()],
+            cnf_jkt: Some("x".into()),
+            ..req()
+        };
+        assert!(r.validate(900, 3600).is_err());
+        let r = IssueRequest {
+            ttl_seconds: Some(0),
+            ..req()
+        };
+        assert!(r.validate(900, 3600).is_err());
+    }
+}

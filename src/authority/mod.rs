@@ -1,0 +1,147 @@
+//! Business rules between the HTTP front end and the hardware, token and store layers:
+//! which key signs, what a valid request is, who may do what, what gets recorded.
+
+mod apitokens;
+mod issue;
+mod keyring;
+
+use std::sync::{Arc, RwLock};
+
+pub use apitokens::{NewApiToken, Principal, Scope};
+pub use issue::{Introspection, IssueRequest, Issued};
+pub use keyring::{ActiveKey, KeyRing, PublishedKey, ensure_active_key};
+
+use crate::config::Config;
+use crate::keys::{KeyBackend, KeyError};
+use crate::store::{Store, StoreError};
+use crate::x509::CaSubject;
+
+/// Domain errors; the API maps each to one problem type.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthorityError {
+    /// The request is invalid; the message says why (safe to show).
+    #[error("{0}")]
+    BadRequest(String),
+    /// No, unknown, expired or deleted credential.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// Valid credential without the scope.
+    #[error("this API token lacks the scope {0}")]
+    Forbidden(Scope),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    /// The key backend cannot sign now.
+    #[error("key backend unavailable: {0}")]
+    Backend(#[from] KeyError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Settings the authority needs from the configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub issuer: String,
+    pub default_ttl: u64,
+    pub max_ttl: u64,
+    pub api_default_ttl: u64,
+    pub api_max_ttl: u64,
+    pub ca_subject: CaSubject,
+    pub ca_lifetime_days: u64,
+}
+
+impl Settings {
+    pub fn from_config(cfg: &Config) -> Settings {
+        Settings {
+            issuer: cfg.issuer(),
+            default_ttl: cfg.tokens.default_ttl_seconds,
+            max_ttl: cfg.tokens.max_ttl_seconds,
+            api_default_ttl: cfg.api_tokens.default_ttl_seconds,
+            api_max_ttl: cfg.api_tokens.max_ttl_seconds,
+            ca_subject: CaSubject {
+                country: cfg.ca.country.clone(),
+                organization: cfg.ca.organization.clone(),
+                common_name: cfg.ca.common_name.clone(),
+            },
+            ca_lifetime_days: cfg.ca.lifetime_days,
+        }
+    }
+}
+
+/// The signing authority. Cheap to share behind an `Arc`.
+pub struct Authority {
+    pub(crate) store: Store,
+    pub(crate) backend: Arc<dyn KeyBackend>,
+    pub(crate) keys: RwLock<Arc<KeyRing>>,
+    pub(crate) settings: Settings,
+}
+
+impl Authority {
+    /// Loads the key ring from the store and checks every key against the device. Fails
+    /// when there is no active key (run `keygate init`) or a key does not match the device.
+    pub async fn open(
+        store: Store,
+        backend: Arc<dyn KeyBackend>,
+        settings: Settings,
+    ) -> Result<Authority, AuthorityError> {
+        let ring = KeyRing::load(&store, &backend).await?;
+        Ok(Authority {
+            store,
+            backend,
+            keys: RwLock::new(Arc::new(ring)),
+            settings,
+        })
+    }
+
+    /// The key ring in force now.
+    pub fn key_ring(&self) -> Arc<KeyRing> {
+        match self.keys.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn backend_kind(&self) -> &'static str {
+        self.backend.kind()
+    }
+
+    /// Signs a fixed digest with the active key: the readiness probe of the backend.
+    pub async fn probe_backend(&self) -> Result<(), AuthorityError> {
+        let signer = self.key_ring().active.signer.clone();
+        tokio::task::spawn_blocking(move || signer.sign_raw(b"keygate readiness probe"))
+            .await
+            .map_err(|e| AuthorityError::Internal(e.to_string()))??;
+        Ok(())
+    }
+}
+
+/// Current Unix time in seconds.
+pub fn now() -> i64 {
+    crate::token::verify::now()
+}
+
+/// `n` random bytes from the OS CSPRNG.
+pub(crate) fn random_bytes<const N: usize>() -> Result<[u8; N], AuthorityError> {
+    let mut b = [0u8; N];
+    getrandom::fill(&mut b).map_err(|e| AuthorityError::Internal(format!("OS random source: {e}")))?;
+    Ok(b)
+}
+
+/// RFC 3339 UTC of a Unix time.
+pub fn rfc3339(t: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(t)
+        .ok()
+        .and_then(|d| d.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_default()
+}

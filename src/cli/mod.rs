@@ -1,0 +1,95 @@
+//! Command line (clap). `anyhow` lives here and in `main.rs` only.
+
+mod bench;
+mod client;
+mod init;
+mod serve;
+mod verify;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::Config;
+
+pub use init::{InitOutcome, init};
+pub use serve::{Service, build_service};
+
+/// keygate: hardware-backed issuer of provisioning tokens.
+#[derive(Debug, Parser)]
+#[command(name = "keygate", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Configuration file (TOML). Without one, keygate runs on its embedded defaults.
+    #[arg(long, global = true, env = "KEYGATE_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create the data folder, the token (embedded SoftHSM2 default), the signing key, the
+    /// database and the first admin API token (printed once).
+    Init {
+        /// Mint a new admin token even if one exists.
+        #[arg(long)]
+        new_admin_token: bool,
+    },
+    /// Run the HTTP service.
+    Serve,
+    /// Provisioning tokens (through the HTTP API).
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Signing keys (through the HTTP API).
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Verify a provisioning token offline with a JWKS (exit 0, or 1 with a one-line reason).
+    Verify(verify::VerifyArgs),
+    /// Measure raw backend sign rate, end-to-end issuance and offline verification.
+    Bench(bench::BenchArgs),
+}
+
+/// Where the server is and which API token to use.
+#[derive(Debug, Clone, Args)]
+pub struct ClientArgs {
+    /// Base URL of the keygate server.
+    #[arg(long, env = "KEYGATE_ADDR", default_value = "http://127.0.0.1:8080")]
+    pub server: String,
+    /// File holding the API token (else the KEYGATE_TOKEN environment variable).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Issue a provisioning token (scope tokens:issue); prints the token.
+    Issue(client::IssueArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// List signing keys (scope keys:read).
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Print the full JSON answer.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Init { new_admin_token } => {
+            let out = init(&config, new_admin_token).await?;
+            out.report();
+            Ok(())
+        }
+        Command::Serve => serve::serve(config).await,
+        Command::Token(TokenCommand::Issue(args)) => client::issue(args).await,
+        Command::Keys(KeysCommand::List { client, json }) => client::list_keys(client, json).await,
+        Command::Verify(args) => verify::run(args, &config).await,
+        Command::Bench(args) => bench::run(args, config).await,
+    }
+}

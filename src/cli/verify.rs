@@ -1,0 +1,70 @@
+//! `keygate verify`: offline verification with a JWKS from a URL or a file.
+
+use std::io::Read;
+
+use anyhow::Context;
+use clap::Args;
+use zeroize::Zeroizing;
+
+use crate::config::Config;
+use crate::token::{JwkSet, Verifier, VerifierConfig};
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// JWKS location: an http(s) URL or a file path.
+    #[arg(long)]
+    pub jwks: String,
+    /// Expected issuer (`iss`).
+    #[arg(long)]
+    pub issuer: String,
+    /// Expected audience (`aud` must name it).
+    #[arg(long)]
+    pub audience: String,
+    /// Clock leeway in seconds for exp/nbf/iat (default: tokens.leeway_seconds, 5).
+    #[arg(long)]
+    pub leeway: Option<u64>,
+    /// The token, or `-` (the default) to read it from standard input.
+    #[arg(default_value = "-")]
+    pub token: String,
+}
+
+/// Fetches or reads a JWK Set.
+pub async fn load_jwks(location: &str) -> anyhow::Result<JwkSet> {
+    let text = if location.starts_with("http://") || location.starts_with("https://") {
+        let res = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(10))
+            .build()?
+            .get(location)
+            .send()
+            .await
+            .with_context(|| format!("cannot fetch JWKS {location}"))?;
+        if !res.status().is_success() {
+            anyhow::bail!("cannot fetch JWKS {location}: {}", res.status());
+        }
+        res.text().await?
+    } else {
+        std::fs::read_to_string(location).with_context(|| format!("cannot read JWKS file {location}"))?
+    };
+    serde_json::from_str(&text).with_context(|| format!("{location} is not a JWK Set"))
+}
+
+pub async fn run(a: VerifyArgs, config: &Config) -> anyhow::Result<()> {
+    let token = if a.token == "-" {
+        let mut s = Zeroizing::new(String::new());
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("cannot read the token from standard input")?;
+        Zeroizing::new(s.trim().to_owned())
+    } else {
+        Zeroizing::new(a.token.trim().to_owned())
+    };
+    let jwks = load_jwks(&a.jwks).await?;
+    let mut cfg = VerifierConfig::new(a.issuer, a.audience);
+    cfg.leeway_seconds = a.leeway.unwrap_or(config.tokens.leeway_seconds);
+    let verifier = Verifier::new(&jwks, cfg)?;
+    let claims = verifier
+        .verify(&token)
+        .map_err(|e| anyhow::anyhow!("invalid token: {e}"))?;
+    println!("{}", serde_json::to_string_pretty(&claims)?);
+    Ok(())
+}

@@ -1,0 +1,344 @@
+//! Configuration: TOML with `deny_unknown_fields`, then `KEYGATE_*` environment overrides.
+//!
+//! With no file at all keygate runs on its embedded defaults: a SoftHSM2 token and an SQLite
+//! database under the data folder (`./keygate-data`, or `KEYGATE_DATA_DIR`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::keys::SecretSource;
+use crate::keys::pkcs11::Pkcs11Config;
+
+/// Debian's SoftHSM2 module path (FACTS.md).
+pub const SOFTHSM2_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+/// Token label of the embedded SoftHSM2 token.
+pub const EMBEDDED_TOKEN_LABEL: &str = "keygate";
+
+/// Errors in the configuration: one line each, naming the option.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {reason}")]
+    Read { path: String, reason: String },
+    #[error("config file {path}: {reason}")]
+    Parse { path: String, reason: String },
+    #[error("{var}: {reason}")]
+    Env { var: &'static str, reason: String },
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    #[default]
+    Pkcs11,
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Folder for the embedded SoftHSM2 token, PIN files and SQLite database.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// Listen address; plain HTTP. Default `127.0.0.1:8080`.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Base URL clients use to reach this service (default `http://<listen>`).
+    #[serde(default)]
+    pub public_base_url: Option<String>,
+    /// `iss` of every token (default: the public base URL).
+    #[serde(default)]
+    pub issuer: Option<String>,
+    #[serde(default)]
+    pub backend: BackendKind,
+    /// PKCS#11 token. Absent: the embedded SoftHSM2 token under `data_dir`.
+    #[serde(default)]
+    pub pkcs11: Option<Pkcs11Config>,
+    #[serde(default)]
+    pub store: StoreConfig,
+    #[serde(default)]
+    pub tokens: TokenPolicy,
+    #[serde(default)]
+    pub api_tokens: ApiTokenPolicy,
+    #[serde(default)]
+    pub ca: CaConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `sqlite:///path/to/keygate.db` (default `<data_dir>/keygate.db`).
+    #[serde(default)]
+    pub url: Option<String>,
+    /// SQLite `synchronous`: `full` (default; every commit survives power loss) or `normal`.
+    #[serde(default = "default_sync")]
+    pub synchronous: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenPolicy {
+    #[serde(default = "default_token_ttl")]
+    pub default_ttl_seconds: u64,
+    /// A request above this is refused with 400, never clamped.
+    #[serde(default = "default_token_max_ttl")]
+    pub max_ttl_seconds: u64,
+    /// Leeway of `keygate verify` and the verifier library default.
+    #[serde(default = "default_leeway")]
+    pub leeway_seconds: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiTokenPolicy {
+    #[serde(default = "default_api_ttl")]
+    pub default_ttl_seconds: u64,
+    #[serde(default = "default_api_max_ttl")]
+    pub max_ttl_seconds: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaConfig {
+    #[serde(default = "default_country")]
+    pub country: String,
+    #[serde(default = "default_org")]
+    pub organization: String,
+    /// Prefix of the CN; the key's kid is appended.
+    #[serde(default = "default_cn")]
+    pub common_name: String,
+    #[serde(default = "default_ca_days")]
+    pub lifetime_days: u64,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("keygate-data")
+}
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+fn default_sync() -> String {
+    "full".into()
+}
+fn default_token_ttl() -> u64 {
+    900
+}
+fn default_token_max_ttl() -> u64 {
+    86_400
+}
+fn default_leeway() -> u64 {
+    5
+}
+fn default_api_ttl() -> u64 {
+    30 * 86_400
+}
+fn default_api_max_ttl() -> u64 {
+    365 * 86_400
+}
+fn default_country() -> String {
+    "ZZ".into()
+}
+fn default_org() -> String {
+    "keygate".into()
+}
+fn default_cn() -> String {
+    "keygate root".into()
+}
+fn default_ca_days() -> u64 {
+    3650
+}
+
+macro_rules! default_from_serde {
+    ($($t:ty),*) => {$(
+        impl Default for $t {
+            fn default() -> Self {
+                // An empty table gets every field's serde default.
+                toml::from_str("").unwrap_or_else(|_| unreachable!())
+            }
+        }
+    )*};
+}
+default_from_serde!(StoreConfig, TokenPolicy, ApiTokenPolicy, CaConfig);
+
+impl Default for Config {
+    fn default() -> Self {
+        toml::from_str("").unwrap_or_else(|_| unreachable!())
+    }
+}
+
+impl Config {
+    /// Reads `path` (if any), then applies `KEYGATE_DATA_DIR` and `KEYGATE_LISTEN`, then
+    /// validates.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut cfg = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|e| ConfigError::Read {
+                    path: p.display().to_string(),
+                    reason: e.kind().to_string(),
+                })?;
+                Config::parse(&text).map_err(|reason| ConfigError::Parse {
+                    path: p.display().to_string(),
+                    reason,
+                })?
+            }
+            None => Config::default(),
+        };
+        if let Some(dir) = std::env::var_os("KEYGATE_DATA_DIR") {
+            cfg.data_dir = PathBuf::from(dir);
+        }
+        if let Ok(listen) = std::env::var("KEYGATE_LISTEN") {
+            cfg.listen = listen.parse().map_err(|_| ConfigError::Env {
+                var: "KEYGATE_LISTEN",
+                reason: format!("{listen:?} is not an address like 127.0.0.1:8080"),
+            })?;
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Parses TOML text; the error is one line.
+    pub fn parse(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.message().replace('\n', " "))
+    }
+
+    /// Refuses conflicting or nonsensical settings.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let t = &self.tokens;
+        if t.max_ttl_seconds == 0 || t.default_ttl_seconds == 0 {
+            return Err(ConfigError::Invalid("tokens TTLs must be positive".into()));
+        }
+        if t.default_ttl_seconds > t.max_ttl_seconds {
+            return Err(ConfigError::Invalid(format!(
+                "tokens.default_ttl_seconds ({}) exceeds tokens.max_ttl_seconds ({})",
+                t.default_ttl_seconds, t.max_ttl_seconds
+            )));
+        }
+        let a = &self.api_tokens;
+        if a.default_ttl_seconds > a.max_ttl_seconds {
+            return Err(ConfigError::Invalid(
+                "api_tokens.default_ttl_seconds exceeds api_tokens.max_ttl_seconds".into(),
+            ));
+        }
+        if let Some(p) = &self.pkcs11 {
+            if p.token_label.is_none() && p.token_serial.is_none() {
+                return Err(ConfigError::Invalid(
+                    "[pkcs11] needs token_label or token_serial".into(),
+                ));
+            }
+            if p.sessions == 0 {
+                return Err(ConfigError::Invalid("pkcs11.sessions must be at least 1".into()));
+            }
+        }
+        for (name, url) in [
+            ("public_base_url", &self.public_base_url),
+            ("issuer", &self.issuer),
+        ] {
+            if let Some(u) = url {
+                if !(u.starts_with("http://") || u.starts_with("https://")) || u.ends_with('/') {
+                    return Err(ConfigError::Invalid(format!(
+                        "{name} must be an http(s) URL without a trailing slash, got {u:?}"
+                    )));
+                }
+            }
+        }
+        if !matches!(self.store.synchronous.as_str(), "full" | "normal") {
+            return Err(ConfigError::Invalid(
+                "store.synchronous must be \"full\" or \"normal\"".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// True when keygate manages its own SoftHSM2 token under `data_dir`.
+    pub fn is_embedded(&self) -> bool {
+        self.pkcs11.is_none()
+    }
+
+    /// The PKCS#11 settings in force (the embedded SoftHSM2 token when none are configured).
+    pub fn pkcs11(&self) -> Pkcs11Config {
+        self.pkcs11.clone().unwrap_or_else(|| Pkcs11Config {
+            module: PathBuf::from(SOFTHSM2_MODULE),
+            token_label: Some(EMBEDDED_TOKEN_LABEL.into()),
+            token_serial: None,
+            pin: SecretSource::File(self.data_dir.join("user.pin")),
+            sessions: 2,
+            acquire_timeout_ms: 2000,
+        })
+    }
+
+    /// `SOFTHSM2_CONF` of the embedded token.
+    pub fn embedded_softhsm_conf(&self) -> PathBuf {
+        self.data_dir.join("softhsm2.conf")
+    }
+
+    /// The base URL clients reach (no trailing slash).
+    pub fn public_base_url(&self) -> String {
+        self.public_base_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", self.listen))
+    }
+
+    /// The `iss` of every token.
+    pub fn issuer(&self) -> String {
+        self.issuer.clone().unwrap_or_else(|| self.public_base_url())
+    }
+
+    /// The SQLite database URL.
+    pub fn store_url(&self) -> String {
+        self.store
+            .url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("keygate.db").display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_embedded_defaults() {
+        let c = Config::parse("").unwrap();
+        assert!(c.is_embedded());
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.issuer(), "http://127.0.0.1:8080");
+        assert_eq!(c.tokens.leeway_seconds, 5);
+        assert_eq!(c.pkcs11().token_label.as_deref(), Some("keygate"));
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let e = Config::parse("lisen = \"127.0.0.1:1\"").unwrap_err();
+        assert!(e.contains("lisen"), "{e}");
+        let e = Config::parse("[pkcs11]\nmodule=\"/x\"\ntoken_label=\"a\"\npin={file=\"/p\"}\nslot=0")
+            .unwrap_err();
+        assert!(e.contains("slot"), "{e}");
+        // a PIN value in the config text is not a thing
+        assert!(Config::parse("[pkcs11]\nmodule=\"/x\"\ntoken_label=\"a\"\npin=\"1234\"").is_err());
+    }
+
+    #[test]
+    fn conflicting_ttls_are_refused() {
+        let c = Config::parse("[tokens]\ndefault_ttl_seconds=100\nmax_ttl_seconds=10").unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("exceeds"));
+    }
+
+    #[test]
+    fn reference_configs_parse() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/hsm-config");
+        let mut n = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                let c = Config::parse(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                c.validate().unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                n += 1;
+            }
+        }
+        assert!(n >= 5, "expected the reference configs, found {n}");
+    }
+}

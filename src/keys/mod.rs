@@ -1,0 +1,110 @@
+//! Hardware-held signing keys.
+//!
+//! The core trait [`KeyBackend`] is small, like smallstep's `kms.KeyManager`: create a P-256
+//! signing key inside the device, list and find keys, export the public key, sign a SHA-256
+//! digest. Private keys never leave the device; no software signing key exists in any
+//! production path. Calls block (they are FFI): async callers run them in `spawn_blocking`.
+//! This layer knows nothing of HTTP or storage.
+
+pub mod pkcs11;
+pub mod secret;
+pub mod signer;
+
+pub use secret::SecretSource;
+pub use signer::HardwareSigner;
+
+/// A key held in the device: its URI (RFC 7512 `pkcs11:` or `tpm:`) and its public key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyInfo {
+    /// Names the key; never carries a PIN.
+    pub uri: String,
+    /// Human label on the device (`CKA_LABEL`).
+    pub label: String,
+    pub public_key: p256::PublicKey,
+}
+
+/// What can go wrong with a hardware key. Every message is one line that names the failing
+/// device call where there is one; none holds a PIN.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("key backend configuration: {0}")]
+    Config(String),
+    #[error("cannot load PKCS#11 module {path}: {reason}")]
+    Module { path: String, reason: String },
+    #[error("no PKCS#11 token with {0} is present")]
+    TokenNotFound(String),
+    #[error("PKCS#11 login refused: {0} (check the user PIN)")]
+    Login(String),
+    #[error("PKCS#11 {function} failed: {rv}")]
+    Pkcs11 { function: String, rv: String },
+    #[error("no key {0} on the device")]
+    KeyNotFound(String),
+    #[error("the device returned an unusable public key: {0}")]
+    BadPublicKey(String),
+    #[error("key backend busy: no session free within {0} ms")]
+    Busy(u64),
+    #[error("cannot read {what}: {reason}")]
+    Secret { what: String, reason: String },
+}
+
+impl KeyError {
+    /// True when retrying later may succeed (device or session trouble, not a bad request).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            KeyError::Busy(_) | KeyError::Pkcs11 { .. } | KeyError::TokenNotFound(_)
+        )
+    }
+}
+
+/// A device that creates P-256 signing keys and signs digests with them.
+///
+/// Implementations are `Send + Sync` and safe to call from many threads at once; every
+/// method blocks on the device.
+pub trait KeyBackend: Send + Sync + 'static {
+    /// Short backend name shown in `/v1/keys` (`pkcs11`, `tpm`).
+    fn kind(&self) -> &'static str;
+
+    /// True when the device is a software simulator (SoftHSM2, swtpm): startup warns.
+    fn is_simulator(&self) -> bool;
+
+    /// Generates a new non-extractable P-256 signing key inside the device.
+    fn create_key(&self, label: &str) -> Result<KeyInfo, KeyError>;
+
+    /// Lists the P-256 signing keys on the device.
+    fn list_keys(&self) -> Result<Vec<KeyInfo>, KeyError>;
+
+    /// Finds one key by URI; [`KeyError::KeyNotFound`] when it is not there.
+    fn find_key(&self, uri: &str) -> Result<KeyInfo, KeyError>;
+
+    /// Signs a SHA-256 digest with the key at `uri`; returns the raw 64-byte `r || s`.
+    fn sign_digest(&self, uri: &str, digest: &[u8; 32]) -> Result<[u8; 64], KeyError>;
+}
+
+/// Decodes an EC point as devices return it: raw SEC1, or wrapped in a DER OCTET STRING
+/// (PKCS#11 `CKA_EC_POINT`, FACTS.md).
+pub fn parse_ec_point(bytes: &[u8]) -> Result<p256::PublicKey, KeyError> {
+    let raw = match bytes {
+        [0x04, 0x41, rest @ ..] if rest.len() == 65 => rest,
+        _ => bytes,
+    };
+    p256::PublicKey::from_sec1_bytes(raw)
+        .map_err(|_| KeyError::BadPublicKey(format!("{} bytes, not a P-256 point", bytes.len())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ec_point_raw_and_wrapped() {
+        let sk = p256::SecretKey::from_slice(&[7u8; 32]).unwrap();
+        let raw = sk.public_key().to_sec1_bytes();
+        let raw = &raw[..];
+        assert_eq!(parse_ec_point(raw).unwrap(), sk.public_key());
+        let mut wrapped = vec![0x04, 0x41];
+        wrapped.extend_from_slice(raw);
+        assert_eq!(parse_ec_point(&wrapped).unwrap(), sk.public_key());
+        assert!(parse_ec_point(&wrapped[..40]).is_err());
+    }
+}

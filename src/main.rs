@@ -1,0 +1,59 @@
+//! The `keygate` binary: parse the command line, load the configuration, run.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use clap::Parser;
+use keygate::cli::{Cli, Command};
+use keygate::config::Config;
+use tracing_subscriber::EnvFilter;
+
+fn init_tracing(command: &Command) {
+    let default = match command {
+        Command::Serve => "info",
+        _ => "warn",
+    };
+    let filter = EnvFilter::try_from_env("KEYGATE_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    if std::env::var("KEYGATE_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("keygate: error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if config.is_embedded() && !matches!(cli.command, Command::Verify(_)) {
+        // The embedded SoftHSM2 token reads its configuration from SOFTHSM2_CONF when the
+        // module initialises. SAFETY: no other thread exists yet (the runtime starts below).
+        unsafe { std::env::set_var("SOFTHSM2_CONF", config.embedded_softhsm_conf()) };
+    }
+    init_tracing(&cli.command);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("keygate: error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(keygate::cli::run(cli, config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the error and its causes.
+            let line = format!("{e:#}").replace('\n', " ");
+            eprintln!("keygate: error: {line}");
+            ExitCode::FAILURE
+        }
+    }
+}

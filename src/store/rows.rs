@@ -1,0 +1,128 @@
+//! Row types and their mapping from SQLite rows.
+
+use sqlx::Row;
+use sqlx::sqlite::SqliteRow;
+
+use super::StoreError;
+use crate::audit::{AuditEntry, AuditRecord};
+
+/// An operator API token, without its secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiTokenRow {
+    pub id: String,
+    pub name: String,
+    pub token_hash: Vec<u8>,
+    pub scopes: String,
+    pub created_at: i64,
+    pub expires_at: Option<i64>,
+    pub created_by: String,
+}
+
+impl ApiTokenRow {
+    pub(super) fn from_row(r: &SqliteRow) -> Result<Self, StoreError> {
+        Ok(ApiTokenRow {
+            id: r.try_get("id")?,
+            name: r.try_get("name")?,
+            token_hash: r.try_get("token_hash")?,
+            scopes: r.try_get("scopes")?,
+            created_at: r.try_get("created_at")?,
+            expires_at: r.try_get("expires_at")?,
+            created_by: r.try_get("created_by")?,
+        })
+    }
+}
+
+/// A signing key as recorded (the key itself lives in the device).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SigningKeyRow {
+    pub kid: String,
+    pub uri: String,
+    pub backend: String,
+    pub state: String,
+    /// Public JWK, JSON.
+    pub jwk: String,
+    /// Self-signed CA certificate, PEM.
+    pub certificate: String,
+    pub created_at: i64,
+    pub activated_at: Option<i64>,
+    pub retire_at: Option<i64>,
+}
+
+impl SigningKeyRow {
+    pub(super) fn from_row(r: &SqliteRow) -> Result<Self, StoreError> {
+        Ok(SigningKeyRow {
+            kid: r.try_get("kid")?,
+            uri: r.try_get("uri")?,
+            backend: r.try_get("backend")?,
+            state: r.try_get("state")?,
+            jwk: r.try_get("jwk")?,
+            certificate: r.try_get("certificate")?,
+            created_at: r.try_get("created_at")?,
+            activated_at: r.try_get("activated_at")?,
+            retire_at: r.try_get("retire_at")?,
+        })
+    }
+}
+
+/// A provisioning token as recorded when it was issued (never the token text).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuedToken {
+    pub jti: String,
+    pub kid: String,
+    pub sub: String,
+    pub aud: String,
+    pub scopes: String,
+    pub iat: i64,
+    pub nbf: i64,
+    pub exp: i64,
+    pub one_time: bool,
+    pub cnf_jkt: Option<String>,
+    pub issued_by: String,
+}
+
+/// What has happened to an issued token since.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TokenStatus {
+    pub redeemed_at: Option<i64>,
+    pub revoked_at: Option<i64>,
+}
+
+impl IssuedToken {
+    pub(super) fn from_row(r: &SqliteRow) -> Result<(Self, TokenStatus), StoreError> {
+        Ok((
+            IssuedToken {
+                jti: r.try_get("jti")?,
+                kid: r.try_get("kid")?,
+                sub: r.try_get("sub")?,
+                aud: r.try_get("aud")?,
+                scopes: r.try_get("scopes")?,
+                iat: r.try_get("iat")?,
+                nbf: r.try_get("nbf")?,
+                exp: r.try_get("exp")?,
+                one_time: r.try_get::<i64, _>("one_time")? != 0,
+                cnf_jkt: r.try_get("cnf_jkt")?,
+                issued_by: r.try_get("issued_by")?,
+            },
+            TokenStatus {
+                redeemed_at: r.try_get("redeemed_at")?,
+                revoked_at: r.try_get("revoked_at")?,
+            },
+        ))
+    }
+}
+
+pub(super) fn audit_from_row(r: &SqliteRow) -> Result<AuditEntry, StoreError> {
+    Ok(AuditEntry {
+        seq: r.try_get("seq")?,
+        at: r.try_get("at")?,
+        record: AuditRecord {
+            actor: r.try_get("actor")?,
+            action: r.try_get("action")?,
+            target: r.try_get("target")?,
+            outcome: r.try_get("outcome")?,
+            remote_addr: r.try_get("remote_addr")?,
+        },
+        prev_hash: r.try_get("prev_hash")?,
+        hash: r.try_get("hash")?,
+    })
+}

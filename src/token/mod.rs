@@ -1,0 +1,22 @@
+//! Provisioning tokens: JWS compact serialization (RFC 7515) of JWTs (RFC 7519) signed with
+//! ES256 (RFC 7518 §3.4), keys published as a JWK Set (RFC 7517) with RFC 7638 thumbprints
+//! as `kid`.
+//!
+//! This module needs no hardware and no server: an instance links it alone
+//! (`keygate = { default-features = false }`) to verify tokens offline.
+
+pub mod b64;
+pub mod claims;
+pub mod jwk;
+pub mod jws;
+pub mod verify;
+
+pub use claims::{Audience, Claims, Confirmation};
+pub use jwk::{Jwk, JwkSet, thumbprint};
+pub use jws::{Header, signing_input};
+pub use verify::{Verifier, VerifierConfig, VerifyError};
+
+/// `typ` header of provisioning tokens.
+pub const TYP_PROVISIONING: &str = "provisioning+jwt";
+/// The only algorithm keygate signs with and accepts.
+pub const ALG_ES256: &str = "ES256";
