@@ -1,1 +1,12 @@
+//! Integration tests against real SoftHSM2 tokens: a fresh token per test, real SQLite,
+//! the real binary where the test is about the process (exit codes, logs, restarts).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
+mod auth;
+mod badinput;
+mod cli;
+mod hsm;
+mod http;
+mod process;

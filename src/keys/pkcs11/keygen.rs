@@ -1,9 +1,10 @@
 //! Key generation inside the token and key lookup.
 
-use cryptoki::error::Error as CkError;
+use cryptoki::context::Function;
+use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
-use cryptoki::session::Session;
+use cryptoki::session::{Session, SessionState};
 
 use super::super::{KeyError, KeyInfo, parse_ec_point};
 use super::{Pkcs11Backend, Pkcs11Uri};
@@ -80,7 +81,7 @@ impl Pkcs11Backend {
                 Attribute::Sign(true),
             ];
             let mut out = Vec::new();
-            for h in s.find_objects(&template)? {
+            for h in find_private(s, &template)? {
                 let attrs = s.get_attributes(h, &[AttributeType::Id, AttributeType::Label])?;
                 let (mut id, mut label) = (None, None);
                 for a in attrs {
@@ -145,10 +146,13 @@ impl Pkcs11Backend {
             .id
             .ok_or_else(|| KeyError::Config(format!("{uri} has no id")))?;
         let found = self.pool.run(|s| {
-            s.find_objects(&[
-                Attribute::Class(ObjectClass::PRIVATE_KEY),
-                Attribute::Id(id.clone()),
-            ])
+            find_private(
+                s,
+                &[
+                    Attribute::Class(ObjectClass::PRIVATE_KEY),
+                    Attribute::Id(id.clone()),
+                ],
+            )
         })?;
         let h = *found
             .first()
@@ -158,6 +162,20 @@ impl Pkcs11Backend {
         }
         Ok(h)
     }
+}
+
+/// `C_FindObjects` for private objects. A logged-out session cannot see them and the search
+/// just comes back empty, so an empty answer on a session that is not logged in is reported
+/// as `CKR_USER_NOT_LOGGED_IN`, which makes the pool log in again and retry.
+fn find_private(s: &Session, template: &[Attribute]) -> Result<Vec<ObjectHandle>, CkError> {
+    let found = s.find_objects(template)?;
+    if found.is_empty() {
+        let state = s.get_session_info()?.session_state();
+        if !matches!(state, SessionState::RwUser | SessionState::RoUser) {
+            return Err(CkError::Pkcs11(RvError::UserNotLoggedIn, Function::FindObjects));
+        }
+    }
+    Ok(found)
 }
 
 fn ec_point(s: &Session, public: ObjectHandle) -> Result<Vec<u8>, CkError> {

@@ -183,10 +183,9 @@ impl Pkcs11Backend {
         })
     }
 
-    /// Drops every idle session, as an HSM that closes sessions would. The next call must
-    /// recover by itself. For tests of recovery.
-    pub fn drop_idle_sessions(&self) {
-        self.pool.close_idle();
+    /// The PKCS#11 slot id the token was found in (it may differ between runs).
+    pub fn slot_id(&self) -> u64 {
+        self.pool.slot().id()
     }
 
     /// Forgets cached key handles (they are looked up again on next use).

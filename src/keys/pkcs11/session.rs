@@ -60,6 +60,10 @@ fn recovery_for(e: &CkError) -> Recovery {
 }
 
 impl SessionPool {
+    pub(super) fn slot(&self) -> Slot {
+        self.slot
+    }
+
     pub(super) fn new(ctx: Pkcs11, slot: Slot, pin: AuthPin, max: usize, timeout: Duration) -> Self {
         SessionPool {
             ctx,
@@ -146,9 +150,12 @@ impl SessionPool {
                 }
                 Err(e) => match (recovery_for(&e), retried) {
                     (Recovery::Reopen, false) => {
+                        // When the device dropped one session it has usually dropped them all
+                        // (restart, failover): discard every idle one, retry on a fresh one.
                         tracing::warn!(error = %ck_error(e), "PKCS#11 session lost; reopening");
                         drop(s);
                         self.forget_one();
+                        self.close_idle();
                     }
                     (Recovery::Relogin, false) => {
                         tracing::warn!("PKCS#11 application logged out; logging in again");
@@ -171,7 +178,7 @@ impl SessionPool {
         }
     }
 
-    /// Closes every idle session (tests use this to simulate the HSM dropping sessions).
+    /// Drops every idle session (they are reopened on demand).
     pub(super) fn close_idle(&self) {
         if let Ok(mut st) = self.state.lock() {
             let n = st.idle.len();

@@ -14,6 +14,12 @@ pub fn init_token(cfg: &Pkcs11Config, so_pin: &AuthPin, user_pin: &AuthPin) -> R
         .token_label
         .as_deref()
         .ok_or_else(|| KeyError::Config("token initialisation needs token_label".into()))?;
+    // Tokens appear in the one free slot and a new free slot appears after: initialising two
+    // at once in one process would race for it.
+    static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = INIT
+        .lock()
+        .map_err(|_| KeyError::Config("token init lock poisoned".into()))?;
     let ctx = context(&cfg.module)?;
     match find_slot(&ctx, cfg) {
         Ok(_) => return Ok(false),

@@ -1,0 +1,182 @@
+//! Operator API tokens: none 401, unknown 401, wrong scope 403, expired 401, deleted 401 at
+//! once; refusals are audited; secrets are stored only hashed.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::common::Env;
+
+async fn post_issue(base: &str, token: Option<&str>) -> reqwest::Response {
+    let mut r = reqwest::Client::new()
+        .post(format!("{base}/v1/tokens"))
+        .json(&json!({"subject": "s", "audience": "a"}));
+    if let Some(t) = token {
+        r = r.bearer_auth(t);
+    }
+    r.send().await.unwrap()
+}
+
+async fn create(base: &str, admin: &str, scopes: &[&str], ttl: Option<u64>) -> Value {
+    let mut body = json!({"name": "test", "scopes": scopes});
+    if let Some(t) = ttl {
+        body["ttl_seconds"] = t.into();
+    }
+    let r = reqwest::Client::new()
+        .post(format!("{base}/v1/api-tokens"))
+        .bearer_auth(admin)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    r.json().await.unwrap()
+}
+
+fn assert_problem(r: &reqwest::Response, status: u16) {
+    assert_eq!(r.status().as_u16(), status);
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn credentials_are_checked_and_refusals_audited() {
+    let env = Env::new().await;
+    let (base, _svc) = env.serve().await;
+
+    let r = post_issue(&base, None).await;
+    assert_problem(&r, 401);
+    assert!(
+        r.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .starts_with("Bearer")
+    );
+
+    let audit_before = env.counts().await.2;
+    let unknown = format!("kg_{}", "A".repeat(43));
+    for t in [unknown.as_str(), "kg_short", "not-even-close"] {
+        let r = post_issue(&base, Some(t)).await;
+        assert_problem(&r, 401);
+        assert!(
+            r.headers()["www-authenticate"]
+                .to_str()
+                .unwrap()
+                .contains("invalid_token")
+        );
+    }
+    assert_eq!(
+        env.counts().await.2 - audit_before,
+        3,
+        "each refused credential is audited"
+    );
+
+    // wrong scope
+    let reader = create(&base, &env.admin, &["keys:read"], None).await;
+    let reader_secret = reader["token"].as_str().unwrap();
+    assert!(reader_secret.starts_with("kg_") && reader_secret.len() >= 3 + 43);
+    let r = post_issue(&base, Some(reader_secret)).await;
+    assert_problem(&r, 403);
+    assert!(
+        r.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .contains("insufficient_scope")
+    );
+    let r = reqwest::Client::new()
+        .get(format!("{base}/v1/keys"))
+        .bearer_auth(reader_secret)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // admin-only endpoints refuse a non-admin
+    let r = reqwest::Client::new()
+        .get(format!("{base}/v1/api-tokens"))
+        .bearer_auth(reader_secret)
+        .send()
+        .await
+        .unwrap();
+    assert_problem(&r, 403);
+
+    // an issuer token works
+    let issuer = create(&base, &env.admin, &["tokens:issue"], None).await;
+    assert_eq!(post_issue(&base, issuer["token"].as_str()).await.status(), 201);
+
+    // expired
+    let short = create(&base, &env.admin, &["tokens:issue"], Some(1)).await;
+    assert_eq!(post_issue(&base, short["token"].as_str()).await.status(), 201);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let r = post_issue(&base, short["token"].as_str()).await;
+    assert_problem(&r, 401);
+    let p: Value = r.json().await.unwrap();
+    assert_eq!(p["detail"], "token expired");
+
+    // deleted: refused on the very next request
+    let id = issuer["id"].as_str().unwrap();
+    let r = reqwest::Client::new()
+        .delete(format!("{base}/v1/api-tokens/{id}"))
+        .bearer_auth(&env.admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    assert_problem(&post_issue(&base, issuer["token"].as_str()).await, 401);
+    let r = reqwest::Client::new()
+        .delete(format!("{base}/v1/api-tokens/{id}"))
+        .bearer_auth(&env.admin)
+        .send()
+        .await
+        .unwrap();
+    assert_problem(&r, 404);
+
+    // the list shows no secrets; the database holds only hashes
+    let list: Value = reqwest::Client::new()
+        .get(format!("{base}/v1/api-tokens"))
+        .bearer_auth(&env.admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let text = list.to_string();
+    assert!(!text.contains("kg_"), "{text}");
+    assert!(list.as_array().unwrap().iter().all(|t| t.get("token").is_none()));
+    let db = std::fs::read(env.dir.path().join("keygate.db")).unwrap();
+    let wal = std::fs::read(env.dir.path().join("keygate.db-wal")).unwrap_or_default();
+    for secret in [env.admin.as_str(), reader_secret] {
+        let needle = secret.as_bytes();
+        assert!(
+            !db.windows(needle.len()).any(|w| w == needle),
+            "secret stored in the database"
+        );
+        assert!(
+            !wal.windows(needle.len()).any(|w| w == needle),
+            "secret stored in the WAL"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn api_token_requests_are_validated() {
+    let env = Env::new().await;
+    let (base, _svc) = env.serve().await;
+    let c = reqwest::Client::new();
+    for body in [
+        json!({"name": "x", "scopes": []}),
+        json!({"name": "x", "scopes": ["tokens:*"]}),
+        json!({"name": "", "scopes": ["admin"]}),
+        json!({"name": "x", "scopes": ["admin"], "ttl_seconds": 0}),
+        json!({"name": "x", "scopes": ["admin"], "ttl_seconds": 10_000_000_000u64}),
+    ] {
+        let r = c
+            .post(format!("{base}/v1/api-tokens"))
+            .bearer_auth(&env.admin)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_problem(&r, 400);
+    }
+}

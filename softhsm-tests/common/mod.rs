@@ -1,0 +1,255 @@
+//! Test harness: a process-wide SoftHSM2 configuration, a fresh token per test, keygate
+//! initialised on it, and helpers to serve it in-process or run the real binary.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use cryptoki::types::AuthPin;
+use keygate::cli::{Service, build_service, init};
+use keygate::config::{Config, SOFTHSM2_MODULE};
+use keygate::keys::SecretSource;
+use keygate::keys::pkcs11::{Pkcs11Config, init_token};
+use tempfile::TempDir;
+
+pub const SO_PIN: &str = "so-pin-7f3a9c21e5";
+
+/// The SoftHSM2 configuration of this test process: `SOFTHSM2_CONF` if the runner set one,
+/// else a token folder under the target's tmp dir. Set before the module first loads.
+pub fn softhsm_conf() -> PathBuf {
+    static CONF: OnceLock<PathBuf> = OnceLock::new();
+    CONF.get_or_init(|| {
+        if let Ok(p) = std::env::var("SOFTHSM2_CONF") {
+            if Path::new(&p).exists() {
+                return PathBuf::from(p);
+            }
+        }
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("softhsm-{}", std::process::id()));
+        let tokens = dir.join("tokens");
+        std::fs::create_dir_all(&tokens).unwrap();
+        let conf = dir.join("softhsm2.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+                tokens.display()
+            ),
+        )
+        .unwrap();
+        // SAFETY: done once, before SoftHSM2 is loaded; tests read no environment concurrently
+        // that this could disturb.
+        unsafe { std::env::set_var("SOFTHSM2_CONF", &conf) };
+        conf
+    })
+    .clone()
+}
+
+fn random_hex(n: usize) -> String {
+    let mut b = vec![0u8; n];
+    getrandom::fill(&mut b).unwrap();
+    hex::encode(b)
+}
+
+/// A fresh SoftHSM2 token and a keygate data folder initialised on it.
+pub struct Env {
+    pub dir: TempDir,
+    pub config: Config,
+    pub config_path: PathBuf,
+    pub admin: String,
+    pub user_pin: String,
+    pub kid: String,
+}
+
+impl Env {
+    /// A new token (unique label, random user PIN in a 0600 file), a config file pointing at
+    /// it, and `keygate init` run in-process. The listen port is free but not bound.
+    pub async fn new() -> Env {
+        Env::with_toml("").await
+    }
+
+    /// Like [`Env::new`], with extra TOML appended to the config.
+    pub async fn with_toml(extra: &str) -> Env {
+        softhsm_conf();
+        let dir = tempfile::tempdir().unwrap();
+        let label = format!("kg-{}", random_hex(6));
+        let user_pin = format!("pin-{}", random_hex(8));
+        let pin_path = dir.path().join("user.pin");
+        std::fs::write(&pin_path, &user_pin).unwrap();
+        let pk = Pkcs11Config {
+            module: SOFTHSM2_MODULE.into(),
+            token_label: Some(label.clone()),
+            token_serial: None,
+            pin: SecretSource::File(pin_path.clone()),
+            sessions: 4,
+            acquire_timeout_ms: 2000,
+        };
+        let (so, user) = (AuthPin::from(SO_PIN.to_owned()), AuthPin::from(user_pin.clone()));
+        let pk2 = pk.clone();
+        assert!(
+            tokio::task::spawn_blocking(move || init_token(&pk2, &so, &user))
+                .await
+                .unwrap()
+                .unwrap()
+        );
+        let port = free_port();
+        let text = format!(
+            "data_dir = \"{data}\"\nlisten = \"127.0.0.1:{port}\"\n{extra}\n[pkcs11]\nmodule = \"{SOFTHSM2_MODULE}\"\ntoken_label = \"{label}\"\npin = {{ file = \"{pin}\" }}\nsessions = 4\n",
+            data = dir.path().display(),
+            pin = pin_path.display(),
+        );
+        let config_path = dir.path().join("keygate.toml");
+        std::fs::write(&config_path, &text).unwrap();
+        let config = Config::parse(&text).unwrap();
+        config.validate().unwrap();
+        let out = init(&config, false).await.unwrap();
+        let admin = out.admin_token.as_ref().unwrap().to_string();
+        Env {
+            kid: out.kid.clone(),
+            dir,
+            config,
+            config_path,
+            admin,
+            user_pin,
+        }
+    }
+
+    /// Builds the service in-process (router for `oneshot`, authority, backend).
+    pub async fn service(&self) -> Service {
+        build_service(&self.config).await.unwrap()
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.config.listen)
+    }
+
+    /// Serves the service on a real loopback socket in this process; returns the base URL.
+    pub async fn serve(&self) -> (String, Service) {
+        let svc = self.service().await;
+        let listener = tokio::net::TcpListener::bind(self.config.listen).await.unwrap();
+        let router = svc.router.clone();
+        tokio::spawn(async move {
+            axum::serve(
+                listener,
+                router.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .await
+            .unwrap();
+        });
+        (self.base_url(), svc)
+    }
+
+    /// Row counts (issued_tokens, api_tokens, audit_log) read straight from the SQLite file.
+    pub async fn counts(&self) -> (i64, i64, i64) {
+        let url = format!("sqlite://{}", self.dir.path().join("keygate.db").display());
+        let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+        let r: (i64, i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM issued_tokens), (SELECT count(*) FROM api_tokens), (SELECT count(*) FROM audit_log)",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+        r
+    }
+
+    /// A command running the real `keygate` binary on this env's config.
+    pub fn keygate(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_keygate"));
+        c.env("KEYGATE_CONFIG", &self.config_path)
+            .env("SOFTHSM2_CONF", softhsm_conf())
+            .env_remove("KEYGATE_DATA_DIR")
+            .env_remove("KEYGATE_LISTEN")
+            .env_remove("KEYGATE_TOKEN");
+        c
+    }
+}
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `keygate serve` child process; killed on drop.
+pub struct Server {
+    pub child: Child,
+}
+
+impl Server {
+    /// Starts `keygate serve` with stderr to `log` and waits until /readyz answers 200.
+    pub async fn start(env: &Env, log: &Path, extra_env: &[(&str, &str)]) -> Server {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let mut cmd = env.keygate();
+        cmd.arg("serve").stdout(Stdio::null()).stderr(file);
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().unwrap();
+        let mut server = Server { child };
+        let url = format!("{}/readyz", env.base_url());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = reqwest::get(&url).await {
+                if r.status() == 200 {
+                    return server;
+                }
+            }
+            if let Ok(Some(status)) = server.child.try_wait() {
+                panic!(
+                    "keygate serve exited with {status}: {}",
+                    std::fs::read_to_string(log).unwrap_or_default()
+                );
+            }
+            assert!(Instant::now() < deadline, "keygate serve did not become ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stops the server with SIGTERM (graceful) and waits for it.
+    pub fn stop(mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Issues a token over HTTP with `api_token`; returns the JSON answer.
+pub async fn issue(base: &str, api_token: &str, body: serde_json::Value) -> serde_json::Value {
+    let r = reqwest::Client::new()
+        .post(format!("{base}/v1/tokens"))
+        .bearer_auth(api_token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "issue failed: {}", r.text().await.unwrap());
+    r.json().await.unwrap()
+}
+
+/// Fetches the JWKS over HTTP.
+pub async fn jwks(base: &str) -> keygate::token::JwkSet {
+    reqwest::get(format!("{base}/.well-known/jwks.json"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}

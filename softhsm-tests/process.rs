@@ -1,0 +1,315 @@
+//! The real binary: clear startup failures, restarts that keep the key, repeated init, the
+//! embedded defaults, and no secret in any log.
+
+use std::process::{Command, Stdio};
+
+use keygate::token::{Verifier, VerifierConfig};
+use serde_json::{Value, json};
+
+use crate::common::{Env, SO_PIN, Server, free_port, issue, jwks, softhsm_conf};
+
+/// Runs `keygate serve` with `toml` and returns (exit success, stderr).
+fn serve_with(env: &Env, toml: &str) -> (bool, String) {
+    let path = env.dir.path().join("broken.toml");
+    std::fs::write(&path, toml).unwrap();
+    let out = env
+        .keygate()
+        .env("KEYGATE_CONFIG", &path)
+        .arg("serve")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn pkcs11_toml(env: &Env, module: &str, label: &str, pin_file: &std::path::Path) -> String {
+    format!(
+        "data_dir = \"{}\"\nlisten = \"127.0.0.1:{}\"\n[pkcs11]\nmodule = \"{module}\"\ntoken_label = \"{label}\"\npin = {{ file = \"{}\" }}\n",
+        env.dir.path().display(),
+        free_port(),
+        pin_file.display()
+    )
+}
+
+fn assert_one_line(ok: bool, stderr: &str, needle: &str) {
+    assert!(!ok, "serve should fail");
+    let lines: Vec<&str> = stderr.trim().lines().collect();
+    assert_eq!(lines.len(), 1, "expected one line, got: {stderr}");
+    assert!(
+        lines[0].starts_with("keygate: error:") && lines[0].contains(needle),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn serve_fails_with_one_clear_line() {
+    let env = Env::new().await;
+    let label = env.config.pkcs11.as_ref().unwrap().token_label.clone().unwrap();
+    let module = keygate::config::SOFTHSM2_MODULE;
+    let good_pin = env.dir.path().join("user.pin");
+    let wrong_pin = env.dir.path().join("wrong.pin");
+    std::fs::write(&wrong_pin, "not-the-pin").unwrap();
+
+    let (ok, err) = serve_with(&env, &pkcs11_toml(&env, module, &label, &wrong_pin));
+    assert_one_line(ok, &err, "CKR_PIN_INCORRECT");
+    let (ok, err) = serve_with(
+        &env,
+        &pkcs11_toml(&env, "/nonexistent/libpkcs11.so", &label, &good_pin),
+    );
+    assert_one_line(ok, &err, "cannot load PKCS#11 module /nonexistent/libpkcs11.so");
+    let (ok, err) = serve_with(&env, &pkcs11_toml(&env, module, "no-such-token", &good_pin));
+    assert_one_line(ok, &err, "no PKCS#11 token with label \"no-such-token\"");
+    let (ok, err) = serve_with(
+        &env,
+        &pkcs11_toml(&env, module, &label, &env.dir.path().join("missing.pin")),
+    );
+    assert_one_line(ok, &err, "cannot read PIN file");
+    let (ok, err) = serve_with(&env, "listen = \"127.0.0.1:1\"\nbogus = 1\n");
+    assert_one_line(ok, &err, "bogus");
+    // the PIN itself is never in the message
+    assert!(!err.contains(&env.user_pin));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn restart_keeps_key_jwks_and_earlier_tokens() {
+    let env = Env::new().await;
+    let log = env.dir.path().join("serve.log");
+    let server = Server::start(&env, &log, &[]).await;
+    let base = env.base_url();
+    let jwks1 = jwks(&base).await;
+    let tokens: Vec<String> = {
+        let mut v = Vec::new();
+        for i in 0..3 {
+            let out = issue(
+                &base,
+                &env.admin,
+                json!({"subject": format!("n{i}"), "audience": "fleet"}),
+            )
+            .await;
+            v.push(out["token"].as_str().unwrap().to_owned());
+        }
+        v
+    };
+    server.stop();
+    let _server = Server::start(&env, &log, &[]).await;
+    let jwks2 = jwks(&base).await;
+    assert_eq!(jwks1, jwks2, "same key, same JWKS after restart");
+    let v = Verifier::new(&jwks2, VerifierConfig::new(env.config.issuer(), "fleet")).unwrap();
+    let c = reqwest::Client::new();
+    for t in &tokens {
+        v.verify(t).unwrap();
+        let r: Value = c
+            .post(format!("{base}/v1/tokens/introspect"))
+            .bearer_auth(&env.admin)
+            .form(&[("token", t.as_str())])
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(r["active"], true);
+    }
+    let out = issue(
+        &base,
+        &env.admin,
+        json!({"subject": "after", "audience": "fleet"}),
+    )
+    .await;
+    assert_eq!(out["kid"], env.kid.as_str());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn second_init_keeps_the_key_and_mints_an_admin_token_only_when_asked() {
+    let env = Env::new().await;
+    let out = env.keygate().arg("init").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(!stdout.contains("KEYGATE_ADMIN_TOKEN"), "{stdout}");
+    assert!(
+        stderr.contains(&format!("kept signing key {}", env.kid)),
+        "{stderr}"
+    );
+    assert!(stderr.contains("--new-admin-token"), "{stderr}");
+
+    let out = env
+        .keygate()
+        .args(["init", "--new-admin-token"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1);
+    let token = lines[0].strip_prefix("KEYGATE_ADMIN_TOKEN=").unwrap();
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains(token),
+        "token printed to stderr too"
+    );
+    let log = env.dir.path().join("serve.log");
+    let _server = Server::start(&env, &log, &[]).await;
+    let out = issue(&env.base_url(), token, json!({"subject": "s", "audience": "a"})).await;
+    assert_eq!(out["kid"], env.kid.as_str(), "the key was kept");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn embedded_defaults_initialise_and_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let port = free_port();
+    let log = dir.path().join("serve.log");
+    let child = Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .arg("serve")
+        .current_dir(dir.path())
+        .env_remove("KEYGATE_CONFIG")
+        .env("KEYGATE_DATA_DIR", &data)
+        .env("KEYGATE_LISTEN", format!("127.0.0.1:{port}"))
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut ready = false;
+    for _ in 0..300 {
+        if let Ok(r) = reqwest::get(format!("{base}/readyz")).await {
+            if r.status() == 200 {
+                ready = true;
+                break;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let output = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let logs = std::fs::read_to_string(&log).unwrap();
+    assert!(ready, "embedded serve never became ready: {logs}");
+    assert!(stdout.starts_with("KEYGATE_ADMIN_TOKEN=kg_"), "{stdout}");
+    for f in ["softhsm2.conf", "user.pin", "so.pin", "keygate.db"] {
+        assert!(data.join(f).exists(), "{f} missing");
+    }
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(data.join("user.pin"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    assert_eq!(
+        std::fs::metadata(&data).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+    assert!(
+        logs.contains("SoftHSM2, a software simulator"),
+        "startup warns about the simulator"
+    );
+    // the token folder of the embedded SoftHSM2 is under the data folder
+    assert!(std::fs::read_dir(data.join("softhsm-tokens")).unwrap().count() > 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_secret_appears_in_the_logs() {
+    let env = Env::new().await;
+    let log = env.dir.path().join("serve.log");
+    let server = Server::start(&env, &log, &[("KEYGATE_LOG", "debug")]).await;
+    let base = env.base_url();
+    let c = reqwest::Client::new();
+    let mut secrets = vec![env.admin.clone(), env.user_pin.clone(), SO_PIN.to_owned()];
+    let created: Value = c
+        .post(format!("{base}/v1/api-tokens"))
+        .bearer_auth(&env.admin)
+        .json(&json!({"name": "ops", "scopes": ["tokens:issue", "tokens:read"]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ops = created["token"].as_str().unwrap().to_owned();
+    secrets.push(ops.clone());
+    for i in 0..5 {
+        let out = issue(
+            &base,
+            &ops,
+            json!({"subject": format!("n{i}"), "audience": "fleet", "one_time": true}),
+        )
+        .await;
+        let t = out["token"].as_str().unwrap().to_owned();
+        c.post(format!("{base}/v1/tokens/introspect"))
+            .bearer_auth(&ops)
+            .form(&[("token", t.as_str())])
+            .send()
+            .await
+            .unwrap();
+        secrets.push(t.rsplit('.').next().unwrap().to_owned());
+        secrets.push(t);
+    }
+    let wrong = format!("kg_{}", "Z".repeat(43));
+    c.get(format!("{base}/v1/keys"))
+        .bearer_auth(&wrong)
+        .send()
+        .await
+        .unwrap();
+    secrets.push(wrong);
+    // the CLI as a client, and a second init printing a new admin token
+    let out = env
+        .keygate()
+        .env("KEYGATE_TOKEN", &ops)
+        .env("KEYGATE_LOG", "debug")
+        .args([
+            "token",
+            "issue",
+            "--server",
+            &base,
+            "--subject",
+            "cli",
+            "--audience",
+            "fleet",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    secrets.push(String::from_utf8_lossy(&out.stdout).trim().to_owned());
+    let cli_log = String::from_utf8_lossy(&out.stderr).into_owned();
+    let init = env
+        .keygate()
+        .env("KEYGATE_LOG", "debug")
+        .args(["init", "--new-admin-token"])
+        .output()
+        .unwrap();
+    let new_admin = String::from_utf8_lossy(&init.stdout)
+        .trim()
+        .trim_start_matches("KEYGATE_ADMIN_TOKEN=")
+        .to_owned();
+    assert!(new_admin.starts_with("kg_"));
+    secrets.push(new_admin);
+    let init_log = String::from_utf8_lossy(&init.stderr).into_owned();
+    server.stop();
+
+    let logs = format!(
+        "{}\n{cli_log}\n{init_log}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    assert!(
+        logs.contains("answered"),
+        "the test must actually see request logs"
+    );
+    for s in &secrets {
+        assert!(
+            !logs.contains(s.as_str()),
+            "a secret appears in the logs: {}...",
+            &s[..6.min(s.len())]
+        );
+    }
+    let _ = softhsm_conf();
+}
