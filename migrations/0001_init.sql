@@ -42,11 +42,14 @@ CREATE TABLE issued_tokens (
     redeemed_at  INTEGER,
     revoked_at   INTEGER,
     revoke_reason TEXT
-);
-CREATE INDEX issued_tokens_exp ON issued_tokens (exp);
+) WITHOUT ROWID;
+-- Tokens are looked up by jti (the primary key, clustered) and by signing key and expiry
+-- (rotation: "has this key signed anything still valid?"). One secondary index only: every
+-- index is one more random-key B-tree insert per issued token (docs/benchmarks.md).
 CREATE INDEX issued_tokens_kid_exp ON issued_tokens (kid, exp);
 
--- Hash-chained audit log: hash = SHA-256(prev_hash || canonical entry).
+-- Hash-chained audit log: hash = hex SHA-256(prev_hash || "\n" || canonical JSON entry),
+-- computed in src/audit/mod.rs.
 CREATE TABLE audit_log (
     seq          INTEGER PRIMARY KEY,
     at           INTEGER NOT NULL,

@@ -122,6 +122,7 @@ async fn credentials_are_checked_and_refusals_audited() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
     assert_problem(&post_issue(&base, issuer["token"].as_str()).await, 401);
+    let audit_before = env.counts().await.2;
     let r = reqwest::Client::new()
         .delete(format!("{base}/v1/api-tokens/{id}"))
         .bearer_auth(&env.admin)
@@ -129,6 +130,12 @@ async fn credentials_are_checked_and_refusals_audited() {
         .await
         .unwrap();
     assert_problem(&r, 404);
+    // deleting a token that is not there changes nothing, so nothing is audited
+    assert_eq!(
+        env.counts().await.2,
+        audit_before,
+        "a 404 delete must leave no audit entry"
+    );
 
     // the list shows no secrets; the database holds only hashes
     let list: Value = reqwest::Client::new()

@@ -388,4 +388,14 @@ async fn concurrent_issuance_gives_unique_verifiable_recorded_tokens() {
     let after = env.counts().await;
     assert_eq!(after.0 - before.0, 200, "every token recorded");
     assert_eq!(after.2 - before.2, 200, "every issuance audited");
+    // the entries written by concurrent group commits form one unbroken hash chain
+    let entries = _svc.authority.store().audit_entries(0, 10_000).await.unwrap();
+    assert_eq!(entries.len() as i64, after.2);
+    assert_eq!(keygate::audit::first_broken(&entries, None), None);
+    assert!(
+        entries
+            .iter()
+            .filter(|e| e.record.action == "token.issue")
+            .all(|e| jtis.contains(&e.record.target))
+    );
 }

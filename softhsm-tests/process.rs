@@ -146,15 +146,41 @@ async fn second_init_keeps_the_key_and_mints_an_admin_token_only_when_asked() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.len(), 1);
-    let token = lines[0].strip_prefix("KEYGATE_ADMIN_TOKEN=").unwrap();
+    let token = lines[0].strip_prefix("KEYGATE_ADMIN_TOKEN=").unwrap().to_owned();
     assert!(
-        !String::from_utf8_lossy(&out.stderr).contains(token),
+        !String::from_utf8_lossy(&out.stderr).contains(&token),
         "token printed to stderr too"
     );
     let log = env.dir.path().join("serve.log");
     let _server = Server::start(&env, &log, &[]).await;
-    let out = issue(&env.base_url(), token, json!({"subject": "s", "audience": "a"})).await;
+    let out = issue(&env.base_url(), &token, json!({"subject": "s", "audience": "a"})).await;
     assert_eq!(out["kid"], env.kid.as_str(), "the key was kept");
+
+    // Another process appends to the audit log while the server runs; the server's next
+    // writes must still succeed and the chain stay whole.
+    let out = env
+        .keygate()
+        .args(["init", "--new-admin-token"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    for t in [token.as_str(), env.admin.as_str()] {
+        issue(
+            &env.base_url(),
+            t,
+            json!({"subject": "after-other-writer", "audience": "a"}),
+        )
+        .await;
+    }
+    let url = format!("sqlite://{}", env.dir.path().join("keygate.db").display());
+    let store = keygate::store::Store::open(&url, true).await.unwrap();
+    let entries = store.audit_entries(0, 100_000).await.unwrap();
+    assert!(entries.len() >= 6, "{} entries", entries.len());
+    assert_eq!(
+        keygate::audit::first_broken(&entries, None),
+        None,
+        "audit chain broken"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -1,6 +1,10 @@
 //! Operator API tokens: `kg_` + 256 random bits, stored as SHA-256 only, compared in
 //! constant time, scoped, expiring, deleted at once.
 
+use std::collections::HashMap;
+use std::collections::HashSet;
+use std::sync::Mutex;
+
 use aws_lc_rs::digest;
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
@@ -9,6 +13,58 @@ use super::{Authority, AuthorityError, now, random_bytes};
 use crate::audit::AuditRecord;
 use crate::store::{ApiTokenRow, WriteOp};
 use crate::token::b64;
+
+/// Most API-token rows kept in memory; beyond that, lookups go to the store.
+const CACHE_MAX: usize = 10_000;
+
+/// Verified API-token rows by SHA-256 of the secret.
+///
+/// Every request used to read its API token from SQLite, a cross-thread round trip that cost
+/// more than the HSM signature (docs/benchmarks.md). Rows are cached after a successful
+/// lookup; expiry is checked on every use; a deletion removes the row from the cache before
+/// the deletion is answered, so a deleted token is refused from the next request on. Only
+/// one process serves an SQLite store; a shared store with several replicas must invalidate
+/// across them (or not cache).
+#[derive(Default)]
+pub(crate) struct Cache(Mutex<CacheInner>);
+
+#[derive(Default)]
+struct CacheInner {
+    rows: HashMap<[u8; 32], ApiTokenRow>,
+    /// Ids deleted while this process runs: a lookup that raced with the deletion must not
+    /// put the row back.
+    deleted: HashSet<String>,
+}
+
+impl Cache {
+    fn get(&self, hash: &[u8; 32]) -> Option<ApiTokenRow> {
+        self.0.lock().ok()?.rows.get(hash).cloned()
+    }
+
+    fn put(&self, hash: [u8; 32], row: ApiTokenRow) {
+        if let Ok(mut c) = self.0.lock() {
+            if c.deleted.contains(&row.id) {
+                return;
+            }
+            if c.rows.len() >= CACHE_MAX {
+                c.rows.clear();
+            }
+            c.rows.insert(hash, row);
+        }
+    }
+
+    fn delete(&self, id: &str) {
+        if let Ok(mut c) = self.0.lock() {
+            c.rows.retain(|_, r| r.id != id);
+            c.deleted.insert(id.to_owned());
+        }
+    }
+
+    /// True when `id` was deleted by this process (a cached or freshly read row is stale).
+    fn is_deleted(&self, id: &str) -> bool {
+        self.0.lock().map(|c| c.deleted.contains(id)).unwrap_or(true)
+    }
+}
 
 /// Prefix of every API token secret.
 pub const PREFIX: &str = "kg_";
@@ -155,10 +211,17 @@ impl Authority {
             return Err(refuse("invalid token").await);
         }
         let hash = hash_secret(secret);
-        let Some(row) = self.store.api_token_by_hash(&hash).await? else {
-            return Err(refuse("invalid token").await);
+        let row = match self.api_token_cache.get(&hash) {
+            Some(row) => row,
+            None => {
+                let Some(row) = self.store.api_token_by_hash(&hash).await? else {
+                    return Err(refuse("invalid token").await);
+                };
+                self.api_token_cache.put(hash, row.clone());
+                row
+            }
         };
-        if !bool::from(row.token_hash.as_slice().ct_eq(&hash)) {
+        if !bool::from(row.token_hash.as_slice().ct_eq(&hash)) || self.api_token_cache.is_deleted(&row.id) {
             return Err(refuse("invalid token").await);
         }
         if row.expires_at.is_some_and(|e| now() >= e) {
@@ -191,12 +254,7 @@ impl Authority {
         no_expiry: bool,
         remote: &str,
     ) -> Result<NewApiToken, AuthorityError> {
-        let name = name.trim();
-        if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
-            return Err(AuthorityError::BadRequest(
-                "name must be 1 to 128 printable characters".into(),
-            ));
-        }
+        super::issue::check_name("name", name, 128)?;
         let scopes = parse_scopes(scopes)?;
         let s = &self.settings;
         let expires_at = if no_expiry {
@@ -242,16 +300,14 @@ impl Authority {
 
     /// Deletes an API token; it is refused from the next request on.
     pub async fn delete_api_token(&self, actor: &str, id: &str, remote: &str) -> Result<(), AuthorityError> {
-        let affected = self
-            .store
+        // Refuse the token in this process before the store even hears of the deletion.
+        self.api_token_cache.delete(id);
+        self.store
             .write(
                 vec![WriteOp::DeleteApiToken(id.to_owned())],
                 AuditRecord::new(actor, "api_token.delete", id, "success", remote),
             )
             .await?;
-        if affected.first().copied().unwrap_or(0) == 0 {
-            return Err(AuthorityError::NotFound(format!("API token {id}")));
-        }
         Ok(())
     }
 

@@ -77,6 +77,9 @@ pub struct Authority {
     pub(crate) backend: Arc<dyn KeyBackend>,
     pub(crate) keys: RwLock<Arc<KeyRing>>,
     pub(crate) settings: Settings,
+    /// API-token rows by secret hash, filled on successful lookups and emptied of a token
+    /// the moment it is deleted (see `apitokens.rs`).
+    pub(crate) api_token_cache: apitokens::Cache,
 }
 
 impl Authority {
@@ -89,6 +92,7 @@ impl Authority {
     ) -> Result<Authority, AuthorityError> {
         let ring = KeyRing::load(&store, &backend).await?;
         Ok(Authority {
+            api_token_cache: apitokens::Cache::default(),
             store,
             backend,
             keys: RwLock::new(Arc::new(ring)),
@@ -114,6 +118,16 @@ impl Authority {
 
     pub fn backend_kind(&self) -> &'static str {
         self.backend.kind()
+    }
+
+    /// Every signing key as recorded, in creation order.
+    pub async fn signing_keys(&self) -> Result<Vec<crate::store::SigningKeyRow>, AuthorityError> {
+        Ok(self.store.signing_keys().await?)
+    }
+
+    /// The readiness probe of the store.
+    pub async fn probe_store(&self) -> Result<(), AuthorityError> {
+        Ok(self.store.ping().await?)
     }
 
     /// Signs a fixed digest with the active key: the readiness probe of the backend.

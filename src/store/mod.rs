@@ -26,6 +26,8 @@ pub enum StoreError {
     Unavailable(String),
     #[error("conflict: {0}")]
     Conflict(String),
+    #[error("{0} not found")]
+    NotFound(String),
     #[error("cannot open store {url}: {reason}")]
     Open { url: String, reason: String },
 }
@@ -33,8 +35,8 @@ pub enum StoreError {
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
         if let sqlx::Error::Database(db) = &e {
-            if db.is_unique_violation() {
-                return StoreError::Conflict(db.message().to_owned());
+            if db.is_unique_violation() && !db.message().contains("audit_log") {
+                return StoreError::Conflict("the record exists already".into());
             }
         }
         StoreError::Unavailable(e.to_string())
@@ -75,16 +77,19 @@ impl Store {
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
             .acquire_timeout(Duration::from_secs(5))
-            .connect_with(opts)
+            .connect_with(opts.clone())
             .await
             .map_err(|e| open_err(e.to_string()))?;
         sqlx::migrate!("./migrations")
             .run(&pool)
             .await
             .map_err(|e| open_err(e.to_string()))?;
+        // The writer owns a connection of its own, outside the pool.
+        let conn = sqlx::ConnectOptions::connect(&opts)
+            .await
+            .map_err(|e| open_err(e.to_string()))?;
         let (tx, rx) = mpsc::channel(4096);
-        let head = writer::chain_head(&pool).await?;
-        tokio::spawn(writer::run(pool.clone(), rx, head));
+        tokio::spawn(writer::run(conn, rx));
         Ok(Store { pool, jobs: tx })
     }
 

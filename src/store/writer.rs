@@ -1,13 +1,27 @@
-//! The single writer: group commit with per-write savepoints and the audit hash chain.
+//! The single writer: group commit, the audit hash chain, and bulk statements.
+//!
+//! The writer owns one connection. Each batch of queued writes is one `BEGIN IMMEDIATE`
+//! transaction. Under load every statement sent to sqlx's SQLite worker thread costs a
+//! thread hand-off that waits for a CPU, so the fast path sends the whole batch as ONE
+//! multi-statement query: `BEGIN IMMEDIATE; INSERT tokens...; INSERT audit...; COMMIT`
+//! (docs/benchmarks.md). It applies to batches of issued tokens and bare audit entries.
+//!
+//! The audit chain head is kept in memory and checked by the database: `seq` is the primary
+//! key, so if another process appended to the log meanwhile, the batch collides on `seq`,
+//! rolls back, and is redone on the careful path. The careful path reads the head inside its
+//! transaction and applies each write under its own savepoint, so one bad write fails alone
+//! and leaves no trace, not even its audit entry.
 
-use sqlx::{Row, Sqlite, SqlitePool, Transaction};
+use sqlx::sqlite::SqliteConnection;
+use sqlx::{Connection, Executor, QueryBuilder, Row, Sqlite, Transaction};
 use tokio::sync::mpsc;
 
 use super::rows::{ApiTokenRow, IssuedToken, SigningKeyRow};
 use super::{Job, StoreError};
 use crate::audit::{self, AuditRecord};
 
-/// Most writes committed in one transaction.
+/// Most writes committed in one transaction (also bounds bulk statement parameters:
+/// 512 x 11 < SQLite's 32766).
 const MAX_BATCH: usize = 512;
 
 /// One change to apply with an audit entry.
@@ -15,15 +29,16 @@ const MAX_BATCH: usize = 512;
 pub enum WriteOp {
     InsertIssued(IssuedToken),
     InsertApiToken(ApiTokenRow),
-    /// Deletes an API token by id; affected = 0 when there was none.
+    /// Deletes an API token by id; fails with [`StoreError::NotFound`] when there is none,
+    /// so a refused delete leaves no audit entry.
     DeleteApiToken(String),
     InsertSigningKey(SigningKeyRow),
 }
 
-/// (seq, hash) of the last audit entry.
-pub(super) async fn chain_head(pool: &SqlitePool) -> Result<(i64, String), StoreError> {
+/// (seq, hash) of the last audit entry, read through `exec`.
+async fn chain_head<'e, E: sqlx::SqliteExecutor<'e>>(exec: E) -> Result<(i64, String), StoreError> {
     let row = sqlx::query("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
-        .fetch_optional(pool)
+        .fetch_optional(exec)
         .await?;
     Ok(match row {
         Some(r) => (r.try_get(0)?, r.try_get(1)?),
@@ -31,52 +46,137 @@ pub(super) async fn chain_head(pool: &SqlitePool) -> Result<(i64, String), Store
     })
 }
 
-pub(super) async fn run(pool: SqlitePool, mut rx: mpsc::Receiver<Job>, mut head: (i64, String)) {
+pub(super) async fn run(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Job>) {
+    let mut head = match chain_head(&mut conn).await {
+        Ok(h) => Some(h),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the audit chain head");
+            None
+        }
+    };
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let jobs = std::mem::take(&mut batch);
-        match commit_batch(&pool, &jobs, &head).await {
+        let bulk = match &head {
+            Some(h) if jobs.iter().all(Job::bulk_ok) => commit_bulk(&mut conn, &jobs, h).await,
+            _ => Err(StoreError::Unavailable("careful path".into())),
+        };
+        let results = match bulk {
             Ok((results, new_head)) => {
-                head = new_head;
-                for (job, res) in jobs.into_iter().zip(results) {
-                    let _ = job.reply.send(res);
-                }
+                head = Some(new_head);
+                results
             }
             Err(e) => {
-                tracing::error!(error = %e, writes = jobs.len(), "store commit failed");
-                for job in jobs {
-                    let _ = job.reply.send(Err(StoreError::Unavailable(e.to_string())));
-                }
-                // The chain head in memory may be ahead of the database now.
-                match chain_head(&pool).await {
-                    Ok(h) => head = h,
-                    Err(e) => tracing::error!(error = %e, "cannot reload audit chain head"),
+                tracing::debug!(error = %e, writes = jobs.len(), "writing one by one");
+                // Leave no transaction open behind a failed multi-statement query.
+                let _ = conn.execute("ROLLBACK").await;
+                match commit_each(&mut conn, &jobs).await {
+                    Ok((results, new_head)) => {
+                        head = Some(new_head);
+                        results
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, writes = jobs.len(), "store commit failed");
+                        head = None;
+                        jobs.iter()
+                            .map(|_| Err(StoreError::Unavailable(e.to_string())))
+                            .collect()
+                    }
                 }
             }
+        };
+        for (job, res) in jobs.into_iter().zip(results) {
+            let _ = job.reply.send(res);
         }
     }
 }
 
-type BatchResult = (Vec<Result<Vec<u64>, StoreError>>, (i64, String));
+impl Job {
+    /// True for writes the fast path handles: issued tokens and bare audit entries.
+    fn bulk_ok(&self) -> bool {
+        self.ops.iter().all(|op| matches!(op, WriteOp::InsertIssued(_)))
+    }
+}
 
-async fn commit_batch(
-    pool: &SqlitePool,
+type Results = Vec<Result<Vec<u64>, StoreError>>;
+
+/// Chain positions for `jobs` after `head`: (seq, at, prev_hash, hash) each.
+fn chain(jobs: &[&Job], head: &(i64, String)) -> Vec<(i64, i64, String, String)> {
+    let at = crate::token::verify::now();
+    let (mut seq, mut prev) = head.clone();
+    jobs.iter()
+        .map(|j| {
+            seq += 1;
+            let hash = audit::chain_hash(&prev, seq, at, &j.audit);
+            (seq, at, std::mem::replace(&mut prev, hash.clone()), hash)
+        })
+        .collect()
+}
+
+/// The fast path: the whole batch as one multi-statement query (one worker round trip).
+async fn commit_bulk(
+    conn: &mut SqliteConnection,
     jobs: &[Job],
     head: &(i64, String),
-) -> Result<BatchResult, StoreError> {
-    let mut tx = pool.begin().await?;
-    let mut head = head.clone();
+) -> Result<(Results, (i64, String)), StoreError> {
+    let issued: Vec<&IssuedToken> = jobs
+        .iter()
+        .flat_map(|j| &j.ops)
+        .filter_map(|op| match op {
+            WriteOp::InsertIssued(t) => Some(t),
+            _ => None,
+        })
+        .collect();
+    let all: Vec<&Job> = jobs.iter().collect();
+    let links = chain(&all, head);
+    let mut qb = QueryBuilder::<Sqlite>::new("BEGIN IMMEDIATE; ");
+    if !issued.is_empty() {
+        push_issued(&mut qb, &issued);
+        qb.push("; ");
+    }
+    push_audit(&mut qb, &all, &links);
+    qb.push("; COMMIT");
+    qb.build().persistent(false).execute(&mut *conn).await?;
+    let results = jobs.iter().map(|j| Ok(vec![1; j.ops.len()])).collect();
+    let new_head = links
+        .last()
+        .map(|(seq, _, _, hash)| (*seq, hash.clone()))
+        .unwrap_or_else(|| head.clone());
+    Ok((results, new_head))
+}
+
+/// The careful path: one savepoint per write; a failing write is rolled back alone.
+async fn commit_each(
+    conn: &mut SqliteConnection,
+    jobs: &[Job],
+) -> Result<(Results, (i64, String)), StoreError> {
+    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+    let mut head = chain_head(&mut *tx).await?;
     let mut results = Vec::with_capacity(jobs.len());
     for job in jobs {
         let mut sp = sqlx::Acquire::begin(&mut tx).await?;
-        match apply(&mut sp, job, &head).await {
-            Ok((affected, new_head)) => {
+        let applied: Result<Vec<u64>, StoreError> = async {
+            let mut affected = Vec::with_capacity(job.ops.len());
+            for op in &job.ops {
+                affected.push(apply_op(&mut sp, op).await?);
+            }
+            let link = chain(&[job], &head);
+            insert_audit(&mut sp, &[job], &link).await?;
+            if let Some((seq, _, _, hash)) = link.into_iter().next() {
+                head = (seq, hash);
+            }
+            Ok(affected)
+        }
+        .await;
+        match applied {
+            Ok(a) => {
                 sp.commit().await?;
-                head = new_head;
-                results.push(Ok(affected));
+                results.push(Ok(a));
             }
             Err(e) => {
                 sp.rollback().await?;
+                // The chain head in memory may have moved past what was rolled back.
+                head = chain_head(&mut *tx).await?;
                 results.push(Err(e));
             }
         }
@@ -85,67 +185,66 @@ async fn commit_batch(
     Ok((results, head))
 }
 
-async fn apply(
-    tx: &mut Transaction<'_, Sqlite>,
-    job: &Job,
-    head: &(i64, String),
-) -> Result<(Vec<u64>, (i64, String)), StoreError> {
-    let mut affected = Vec::with_capacity(job.ops.len());
-    for op in &job.ops {
-        affected.push(apply_op(tx, op).await?);
-    }
-    let (seq, at) = (head.0 + 1, crate::token::verify::now());
-    let hash = audit::chain_hash(&head.1, seq, at, &job.audit);
-    append_audit(tx, seq, at, &job.audit, &head.1, &hash).await?;
-    Ok((affected, (seq, hash)))
+async fn insert_issued(tx: &mut Transaction<'_, Sqlite>, rows: &[&IssuedToken]) -> Result<(), StoreError> {
+    let mut qb = QueryBuilder::<Sqlite>::new("");
+    push_issued(&mut qb, rows);
+    qb.build().persistent(false).execute(&mut **tx).await?;
+    Ok(())
 }
 
-async fn append_audit(
+fn push_issued<'a>(qb: &mut QueryBuilder<'a, Sqlite>, rows: &[&'a IssuedToken]) {
+    qb.push("INSERT INTO issued_tokens (jti, kid, sub, aud, scopes, iat, nbf, exp, one_time, cnf_jkt, issued_by) ");
+    qb.push_values(rows, |mut b, t| {
+        b.push_bind(&t.jti)
+            .push_bind(&t.kid)
+            .push_bind(&t.sub)
+            .push_bind(&t.aud)
+            .push_bind(&t.scopes)
+            .push_bind(t.iat)
+            .push_bind(t.nbf)
+            .push_bind(t.exp)
+            .push_bind(t.one_time as i64)
+            .push_bind(&t.cnf_jkt)
+            .push_bind(&t.issued_by);
+    });
+}
+
+async fn insert_audit(
     tx: &mut Transaction<'_, Sqlite>,
-    seq: i64,
-    at: i64,
-    r: &AuditRecord,
-    prev: &str,
-    hash: &str,
+    jobs: &[&Job],
+    links: &[(i64, i64, String, String)],
 ) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO audit_log (seq, at, actor, action, target, outcome, remote_addr, prev_hash, hash)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(seq)
-    .bind(at)
-    .bind(&r.actor)
-    .bind(&r.action)
-    .bind(&r.target)
-    .bind(&r.outcome)
-    .bind(&r.remote_addr)
-    .bind(prev)
-    .bind(hash)
-    .execute(&mut **tx)
-    .await?;
+    let mut qb = QueryBuilder::<Sqlite>::new("");
+    push_audit(&mut qb, jobs, links);
+    qb.build().persistent(false).execute(&mut **tx).await?;
     Ok(())
+}
+
+fn push_audit<'a>(
+    qb: &mut QueryBuilder<'a, Sqlite>,
+    jobs: &[&'a Job],
+    links: &'a [(i64, i64, String, String)],
+) {
+    qb.push("INSERT INTO audit_log (seq, at, actor, action, target, outcome, remote_addr, prev_hash, hash) ");
+    qb.push_values(jobs.iter().zip(links), |mut b, (job, (seq, at, prev, hash))| {
+        let r: &'a AuditRecord = &job.audit;
+        b.push_bind(*seq)
+            .push_bind(*at)
+            .push_bind(&r.actor)
+            .push_bind(&r.action)
+            .push_bind(&r.target)
+            .push_bind(&r.outcome)
+            .push_bind(&r.remote_addr)
+            .push_bind(prev)
+            .push_bind(hash);
+    });
 }
 
 async fn apply_op(tx: &mut Transaction<'_, Sqlite>, op: &WriteOp) -> Result<u64, StoreError> {
     let done = match op {
         WriteOp::InsertIssued(t) => {
-            sqlx::query(
-                "INSERT INTO issued_tokens (jti, kid, sub, aud, scopes, iat, nbf, exp, one_time, cnf_jkt, issued_by)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(&t.jti)
-            .bind(&t.kid)
-            .bind(&t.sub)
-            .bind(&t.aud)
-            .bind(&t.scopes)
-            .bind(t.iat)
-            .bind(t.nbf)
-            .bind(t.exp)
-            .bind(t.one_time as i64)
-            .bind(&t.cnf_jkt)
-            .bind(&t.issued_by)
-            .execute(&mut **tx)
-            .await?
+            insert_issued(tx, &[t]).await?;
+            return Ok(1);
         }
         WriteOp::InsertApiToken(t) => {
             sqlx::query(
@@ -163,7 +262,11 @@ async fn apply_op(tx: &mut Transaction<'_, Sqlite>, op: &WriteOp) -> Result<u64,
             .await?
         }
         WriteOp::DeleteApiToken(id) => {
-            sqlx::query("DELETE FROM api_tokens WHERE id = ?").bind(id).execute(&mut **tx).await?
+            let r = sqlx::query("DELETE FROM api_tokens WHERE id = ?").bind(id).execute(&mut **tx).await?;
+            if r.rows_affected() == 0 {
+                return Err(StoreError::NotFound(format!("API token {id}")));
+            }
+            r
         }
         WriteOp::InsertSigningKey(k) => {
             sqlx::query(
