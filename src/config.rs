@@ -1,4 +1,5 @@
-//! Configuration: TOML with `deny_unknown_fields`, then `KEYGATE_*` environment overrides.
+//! Configuration: TOML with `deny_unknown_fields`, then the environment overrides
+//! `KEYGATE_DATA_DIR` and `KEYGATE_LISTEN` (`KEYGATE_CONFIG` names the file).
 //!
 //! With no file at all keygate runs on its embedded defaults: a SoftHSM2 token and an SQLite
 //! database under the data folder (`./keygate-data`, or `KEYGATE_DATA_DIR`).
@@ -9,7 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::keys::SecretSource;
-use crate::keys::pkcs11::Pkcs11Config;
+use crate::keys::pkcs11::{Pkcs11Config, default_acquire_ms, default_sessions};
 
 /// Debian's SoftHSM2 module path (FACTS.md).
 pub const SOFTHSM2_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
@@ -74,8 +75,18 @@ pub struct StoreConfig {
     #[serde(default)]
     pub url: Option<String>,
     /// SQLite `synchronous`: `full` (default; every commit survives power loss) or `normal`.
-    #[serde(default = "default_sync")]
-    pub synchronous: String,
+    #[serde(default)]
+    pub synchronous: Synchronous,
+}
+
+/// SQLite durability: `full` syncs every commit (group commit keeps that cheap); `normal`
+/// may lose the last commits on power loss, never on a crash of keygate alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    #[default]
+    Full,
+    Normal,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -119,9 +130,6 @@ fn default_data_dir() -> PathBuf {
 }
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8080))
-}
-fn default_sync() -> String {
-    "full".into()
 }
 fn default_token_ttl() -> u64 {
     900
@@ -217,6 +225,9 @@ impl Config {
             )));
         }
         let a = &self.api_tokens;
+        if a.max_ttl_seconds == 0 || a.default_ttl_seconds == 0 {
+            return Err(ConfigError::Invalid("api_tokens TTLs must be positive".into()));
+        }
         if a.default_ttl_seconds > a.max_ttl_seconds {
             return Err(ConfigError::Invalid(
                 "api_tokens.default_ttl_seconds exceeds api_tokens.max_ttl_seconds".into(),
@@ -231,6 +242,11 @@ impl Config {
             if p.sessions == 0 {
                 return Err(ConfigError::Invalid("pkcs11.sessions must be at least 1".into()));
             }
+            if p.acquire_timeout_ms == 0 {
+                return Err(ConfigError::Invalid(
+                    "pkcs11.acquire_timeout_ms must be positive".into(),
+                ));
+            }
         }
         for (name, url) in [
             ("public_base_url", &self.public_base_url),
@@ -244,10 +260,14 @@ impl Config {
                 }
             }
         }
-        if !matches!(self.store.synchronous.as_str(), "full" | "normal") {
-            return Err(ConfigError::Invalid(
-                "store.synchronous must be \"full\" or \"normal\"".into(),
-            ));
+        let country = &self.ca.country;
+        if country.len() != 2 || !country.bytes().all(|b| b.is_ascii_uppercase()) {
+            return Err(ConfigError::Invalid(format!(
+                "ca.country must be a two-letter ISO 3166 code like \"DE\", got {country:?}"
+            )));
+        }
+        if self.ca.lifetime_days == 0 {
+            return Err(ConfigError::Invalid("ca.lifetime_days must be positive".into()));
         }
         Ok(())
     }
@@ -264,8 +284,8 @@ impl Config {
             token_label: Some(EMBEDDED_TOKEN_LABEL.into()),
             token_serial: None,
             pin: SecretSource::File(self.data_dir.join("user.pin")),
-            sessions: 2,
-            acquire_timeout_ms: 2000,
+            sessions: default_sessions(),
+            acquire_timeout_ms: default_acquire_ms(),
         })
     }
 
@@ -318,6 +338,22 @@ mod tests {
         assert!(e.contains("slot"), "{e}");
         // a PIN value in the config text is not a thing
         assert!(Config::parse("[pkcs11]\nmodule=\"/x\"\ntoken_label=\"a\"\npin=\"1234\"").is_err());
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        for text in [
+            "[api_tokens]\ndefault_ttl_seconds=0",
+            "[ca]\ncountry=\"Germany\"",
+            "[ca]\nlifetime_days=0",
+            "[pkcs11]\nmodule=\"/x\"\ntoken_label=\"a\"\npin={file=\"/p\"}\nacquire_timeout_ms=0",
+            "[pkcs11]\nmodule=\"/x\"\npin={file=\"/p\"}",
+            "issuer=\"https://x.example/\"",
+        ] {
+            let c = Config::parse(text).unwrap();
+            assert!(c.validate().is_err(), "{text}");
+        }
+        assert!(Config::parse("[store]\nsynchronous=\"off\"").is_err());
     }
 
     #[test]

@@ -8,7 +8,6 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use crate::authority::{AuthorityError, Scope};
-use crate::keys::KeyError;
 use crate::store::StoreError;
 
 /// RFC 9457 problem details.
@@ -155,18 +154,17 @@ impl From<AuthorityError> for ApiError {
             AuthorityError::Conflict(d) => ApiError::Conflict(d),
             AuthorityError::Backend(e) => {
                 tracing::error!(error = %e, "key backend failed");
-                match e {
-                    KeyError::Busy(_)
-                    | KeyError::Pkcs11 { .. }
-                    | KeyError::TokenNotFound(_)
-                    | KeyError::Login(_) => ApiError::Unavailable("key backend"),
-                    _ => ApiError::Internal,
+                if e.is_unavailable() {
+                    ApiError::Unavailable("key backend")
+                } else {
+                    ApiError::Internal
                 }
             }
             AuthorityError::Store(e) => {
                 tracing::error!(error = %e, "store failed");
                 match e {
                     StoreError::Conflict(d) => ApiError::Conflict(d),
+                    StoreError::NotFound(d) => ApiError::NotFound(format!("{d} not found")),
                     _ => ApiError::Unavailable("store"),
                 }
             }
@@ -181,6 +179,7 @@ impl From<AuthorityError> for ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::keys::KeyError;
 
     fn status_of(e: AuthorityError) -> u16 {
         ApiError::from(e).problem().status

@@ -103,12 +103,7 @@ pub async fn list_keys(
     headers: HeaderMap,
 ) -> Result<Json<Vec<KeyView>>, ApiError> {
     authorize(&st, &headers, &remote, Scope::KeysRead).await?;
-    let rows = st
-        .authority
-        .store()
-        .signing_keys()
-        .await
-        .map_err(crate::authority::AuthorityError::from)?;
+    let rows = st.authority.signing_keys().await?;
     Ok(Json(
         rows.into_iter()
             .map(|r| KeyView {

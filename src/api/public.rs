@@ -70,7 +70,7 @@ pub async fn readyz(State(st): State<AppState>) -> Result<Json<Status>, ApiError
         }
         Err(_) => return Err(ApiError::Unavailable("key backend")),
     }
-    match tokio::time::timeout(PROBE_TIMEOUT, a.store().ping()).await {
+    match tokio::time::timeout(PROBE_TIMEOUT, a.probe_store()).await {
         Ok(Ok(())) => Ok(Json(Status {
             status: "ready".into(),
         })),

@@ -133,7 +133,11 @@ pub async fn init(config: &Config, new_admin_token: bool) -> anyhow::Result<Init
     let pk2 = pk.clone();
     let backend: Arc<dyn KeyBackend> =
         Arc::new(tokio::task::spawn_blocking(move || Pkcs11Backend::open(&pk2)).await??);
-    let store = Store::open(&config.store_url(), config.store.synchronous == "full").await?;
+    let store = Store::open(
+        &config.store_url(),
+        config.store.synchronous == crate::config::Synchronous::Full,
+    )
+    .await?;
     let settings = Settings::from_config(config);
     let (kid, key_created) = ensure_active_key(&store, &backend, &settings, "cli").await?;
     let authority = Authority::open(store.clone(), backend, settings).await?;

@@ -30,7 +30,11 @@ pub async fn build_service(config: &Config) -> anyhow::Result<Service> {
             "the key backend is SoftHSM2, a software simulator: keys are NOT protected by hardware; use it for development and tests only"
         );
     }
-    let store = Store::open(&config.store_url(), config.store.synchronous == "full").await?;
+    let store = Store::open(
+        &config.store_url(),
+        config.store.synchronous == crate::config::Synchronous::Full,
+    )
+    .await?;
     let dyn_backend: Arc<dyn KeyBackend> = backend.clone();
     let authority = Arc::new(
         Authority::open(store, dyn_backend, Settings::from_config(config))

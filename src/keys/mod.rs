@@ -52,7 +52,7 @@ impl KeyError {
     pub fn is_unavailable(&self) -> bool {
         matches!(
             self,
-            KeyError::Busy(_) | KeyError::Pkcs11 { .. } | KeyError::TokenNotFound(_)
+            KeyError::Busy(_) | KeyError::Pkcs11 { .. } | KeyError::TokenNotFound(_) | KeyError::Login(_)
         )
     }
 }

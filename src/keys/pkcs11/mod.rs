@@ -48,10 +48,10 @@ pub struct Pkcs11Config {
     pub acquire_timeout_ms: u64,
 }
 
-fn default_sessions() -> usize {
+pub(crate) fn default_sessions() -> usize {
     4
 }
-fn default_acquire_ms() -> u64 {
+pub(crate) fn default_acquire_ms() -> u64 {
     2000
 }
 

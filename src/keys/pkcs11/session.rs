@@ -3,8 +3,8 @@
 //! A `Session` is `Send` but not `Sync` and runs one operation at a time, so each worker
 //! borrows one. Sessions are opened lazily up to the configured size. When the device says a
 //! session is gone (`CKR_SESSION_HANDLE_INVALID`, `CKR_SESSION_CLOSED`, `CKR_DEVICE_REMOVED`,
-//! `CKR_TOKEN_NOT_PRESENT`) the session is dropped and the call is retried once on a fresh
-//! one; when it says the application was logged out (`CKR_USER_NOT_LOGGED_IN`) it logs in
+//! `CKR_TOKEN_NOT_PRESENT`, `CKR_DEVICE_ERROR`) every idle session is dropped and the call
+//! is retried once on a fresh one; when it says the application was logged out (`CKR_USER_NOT_LOGGED_IN`) it logs in
 //! again and retries once.
 
 use std::sync::{Condvar, Mutex};
