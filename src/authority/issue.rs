@@ -150,16 +150,16 @@ impl Authority {
         )
         .map_err(|e| AuthorityError::Internal(e.to_string()))?;
         let signer = ring.active.signer.clone();
-        let (input, sig) = tokio::task::spawn_blocking(move || {
-            // Time the device call only, not the wait for a blocking thread.
-            let sign_started = Instant::now();
-            let sig = signer.sign_raw(input.as_bytes());
-            metrics::histogram!("keygate_backend_sign_duration_seconds")
-                .record(sign_started.elapsed().as_secs_f64());
-            (input, sig)
-        })
-        .await
-        .map_err(|e| AuthorityError::Internal(e.to_string()))?;
+        let (input, sig) = self
+            .sign_blocking(move || {
+                // Time the device call only, not the wait for a blocking thread.
+                let sign_started = Instant::now();
+                let sig = signer.sign_raw(input.as_bytes());
+                metrics::histogram!("keygate_backend_sign_duration_seconds")
+                    .record(sign_started.elapsed().as_secs_f64());
+                (input, sig)
+            })
+            .await?;
         let sig = sig?;
         let token = Zeroizing::new(jws::assemble(&input, &sig));
         tracing::Span::current()

@@ -5,6 +5,7 @@ mod apitokens;
 mod issue;
 mod keyring;
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
 
 pub use apitokens::{NewApiToken, Principal, Scope};
@@ -12,7 +13,7 @@ pub use issue::{Introspection, IssueRequest, Issued};
 pub use keyring::{ActiveKey, KeyRing, PublishedKey, ensure_active_key};
 
 use crate::config::Config;
-use crate::keys::{KeyBackend, KeyError};
+use crate::keys::{KeyBackend, KeyError, SignQueue};
 use crate::store::{Store, StoreError};
 use crate::x509::CaSubject;
 
@@ -80,7 +81,14 @@ pub struct Authority {
     /// API-token rows by secret hash, filled on successful lookups and emptied of a token
     /// the moment it is deleted (see `apitokens.rs`).
     pub(crate) api_token_cache: apitokens::Cache,
+    /// Unix ms of the last successful backend probe (0: none or failed).
+    last_probe_ok_ms: AtomicI64,
+    /// One signing thread per backend session (`keys/queue.rs`).
+    sign_queue: SignQueue,
 }
+
+/// How long a successful readiness probe of the backend is reused.
+pub const PROBE_REUSE_MS: i64 = 1000;
 
 impl Authority {
     /// Loads the key ring from the store and checks every key against the device. Fails
@@ -91,8 +99,12 @@ impl Authority {
         settings: Settings,
     ) -> Result<Authority, AuthorityError> {
         let ring = KeyRing::load(&store, &backend).await?;
+        let (slots, sign_wait) = backend.concurrency();
+        let sign_queue = SignQueue::start(slots, sign_wait)?;
         Ok(Authority {
             api_token_cache: apitokens::Cache::default(),
+            last_probe_ok_ms: AtomicI64::new(0),
+            sign_queue,
             store,
             backend,
             keys: RwLock::new(Arc::new(ring)),
@@ -106,6 +118,15 @@ impl Authority {
             Ok(g) => g.clone(),
             Err(p) => p.into_inner().clone(),
         }
+    }
+
+    /// Runs a signing call on one of the signing threads; waits at most the backend's
+    /// acquire timeout ([`KeyError::Busy`], a 503).
+    pub(crate) async fn sign_blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, AuthorityError> {
+        Ok(self.sign_queue.run(f).await?)
     }
 
     pub fn settings(&self) -> &Settings {
@@ -130,13 +151,32 @@ impl Authority {
         Ok(self.store.ping().await?)
     }
 
-    /// Signs a fixed digest with the active key: the readiness probe of the backend.
+    /// Signs a fixed digest with the active key: the readiness probe of the backend. A
+    /// success is reused for [`PROBE_REUSE_MS`], so polling the public `/readyz` cannot turn
+    /// into load on the HSM; a failure is never reused.
     pub async fn probe_backend(&self) -> Result<(), AuthorityError> {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        let last = self.last_probe_ok_ms.load(Ordering::Relaxed);
+        if last > 0 && (0..PROBE_REUSE_MS).contains(&(now_ms - last)) {
+            return Ok(());
+        }
         let signer = self.key_ring().active.signer.clone();
-        tokio::task::spawn_blocking(move || signer.sign_raw(b"keygate readiness probe"))
-            .await
-            .map_err(|e| AuthorityError::Internal(e.to_string()))??;
-        Ok(())
+        let r = self
+            .sign_blocking(move || signer.sign_raw(b"keygate readiness probe"))
+            .await?;
+        match r {
+            Ok(_) => {
+                self.last_probe_ok_ms.store(now_ms, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                self.last_probe_ok_ms.store(0, Ordering::Relaxed);
+                Err(e.into())
+            }
+        }
     }
 }
 

@@ -7,9 +7,11 @@
 //! This layer knows nothing of HTTP or storage.
 
 pub mod pkcs11;
+pub mod queue;
 pub mod secret;
 pub mod signer;
 
+pub use queue::SignQueue;
 pub use secret::SecretSource;
 pub use signer::HardwareSigner;
 
@@ -67,6 +69,11 @@ pub trait KeyBackend: Send + Sync + 'static {
 
     /// True when the device is a software simulator (SoftHSM2, swtpm): startup warns.
     fn is_simulator(&self) -> bool;
+
+    /// How many signatures the backend can make at once (its session count), and how long
+    /// a caller should wait for one of those slots before giving up with 503. Async callers
+    /// queue on this before they take a blocking thread.
+    fn concurrency(&self) -> (usize, std::time::Duration);
 
     /// Generates a new non-extractable P-256 signing key inside the device.
     fn create_key(&self, label: &str) -> Result<KeyInfo, KeyError>;

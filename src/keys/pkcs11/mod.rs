@@ -219,6 +219,10 @@ impl KeyBackend for Pkcs11Backend {
         self.simulator
     }
 
+    fn concurrency(&self) -> (usize, Duration) {
+        self.pool.limits()
+    }
+
     fn create_key(&self, label: &str) -> Result<KeyInfo, KeyError> {
         self.generate(label)
     }

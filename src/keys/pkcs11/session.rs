@@ -60,6 +60,10 @@ fn recovery_for(e: &CkError) -> Recovery {
 }
 
 impl SessionPool {
+    pub(super) fn limits(&self) -> (usize, Duration) {
+        (self.max, self.timeout)
+    }
+
     pub(super) fn slot(&self) -> Slot {
         self.slot
     }
