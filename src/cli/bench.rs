@@ -24,6 +24,9 @@ pub struct BenchArgs {
     /// N for the multi-session runs (default: the number of cores).
     #[arg(long)]
     pub sessions: Option<usize>,
+    /// Runs of every measurement; medians are reported.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
     /// Concurrent HTTP clients in the issuance runs.
     #[arg(long, default_value_t = 32)]
     pub clients: usize,
@@ -99,7 +102,7 @@ async fn issuance(config: &Config, sessions: usize, clients: usize, secs: u64) -
         )
         .await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}/v1/tokens", listener.local_addr()?);
+    let listener_addr = listener.local_addr()?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let router = service.router.clone();
     let server = tokio::spawn(async move {
@@ -112,44 +115,41 @@ async fn issuance(config: &Config, sessions: usize, clients: usize, secs: u64) -
         })
         .await
     });
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(clients)
-        .build()?;
-    let body = br#"{"subject":"bench-node","audience":"bench","ttl_seconds":300}"#;
-    let secret = Arc::new(api.secret.to_string());
-    // warm-up
+    let addr = listener_addr;
+    let body = r#"{"subject":"bench-node","audience":"bench","ttl_seconds":300}"#;
+    let request: Arc<[u8]> = format!(
+        "POST /v1/tokens HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        api.secret.as_str(),
+        body.len()
+    )
+    .into_bytes()
+    .into();
+    // warm-up, and a check that the request is right
+    let mut conn = LoadConn::connect(addr).await?;
     for _ in 0..50 {
-        client
-            .post(&url)
-            .bearer_auth(secret.as_str())
-            .header("content-type", "application/json")
-            .body(&body[..])
-            .send()
-            .await?;
+        anyhow::ensure!(
+            conn.round_trip(&request).await? == 201,
+            "the benchmark request was refused"
+        );
     }
     let deadline = Instant::now() + Duration::from_secs(secs);
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..clients {
-        let (client, url, secret) = (client.clone(), url.clone(), secret.clone());
+        let request = request.clone();
         tasks.push(tokio::spawn(async move {
             let mut h = Histogram::<u64>::new(3).map_err(|e| anyhow::anyhow!("{e}"))?;
             let mut errors = 0u64;
+            let mut conn = LoadConn::connect(addr).await?;
             while Instant::now() < deadline {
                 let t = Instant::now();
-                let r = client
-                    .post(&url)
-                    .bearer_auth(secret.as_str())
-                    .header("content-type", "application/json")
-                    .body(&body[..])
-                    .send()
-                    .await;
-                match r {
-                    Ok(r) if r.status() == 201 => {
-                        r.bytes().await?;
-                        h.record(t.elapsed().as_micros() as u64)?;
+                match conn.round_trip(&request).await {
+                    Ok(201) => h.record(t.elapsed().as_micros() as u64)?,
+                    Ok(_) => errors += 1,
+                    Err(_) => {
+                        errors += 1;
+                        conn = LoadConn::connect(addr).await?;
                     }
-                    _ => errors += 1,
                 }
             }
             anyhow::Ok((h, errors))
@@ -177,17 +177,88 @@ async fn issuance(config: &Config, sessions: usize, clients: usize, secs: u64) -
     })
 }
 
-/// Operations per second of `op` on this thread, for about `secs` seconds.
-fn per_core(secs: f64, mut op: impl FnMut() -> bool) -> anyhow::Result<f64> {
-    let started = Instant::now();
-    let mut n = 0u64;
-    while started.elapsed().as_secs_f64() < secs {
-        for _ in 0..100 {
-            anyhow::ensure!(op(), "a verification failed during the benchmark");
-        }
-        n += 100;
+/// A bare HTTP/1.1 keep-alive connection that sends one prebuilt request again and again:
+/// the lightest load generator we can write, so the run measures the server rather than an
+/// HTTP client library sharing its two cores.
+struct LoadConn {
+    stream: tokio::net::TcpStream,
+    buf: Vec<u8>,
+}
+
+impl LoadConn {
+    async fn connect(addr: std::net::SocketAddr) -> anyhow::Result<LoadConn> {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(LoadConn {
+            stream,
+            buf: Vec::with_capacity(4096),
+        })
     }
-    Ok(n as f64 / started.elapsed().as_secs_f64())
+
+    /// Sends `request` and reads one whole response; returns its status code.
+    async fn round_trip(&mut self, request: &[u8]) -> anyhow::Result<u16> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        self.stream.write_all(request).await?;
+        self.buf.clear();
+        let (head_len, status, body_len) = loop {
+            if self.stream.read_buf(&mut self.buf).await? == 0 {
+                anyhow::bail!("the server closed the connection");
+            }
+            if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = std::str::from_utf8(&self.buf[..end])?;
+                let status: u16 = head.get(9..12).unwrap_or("0").parse()?;
+                let len = head
+                    .lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("content-length")
+                            .then(|| v.trim().parse::<usize>().ok())?
+                    })
+                    .unwrap_or(0);
+                break (end + 4, status, len);
+            }
+        };
+        while self.buf.len() < head_len + body_len {
+            if self.stream.read_buf(&mut self.buf).await? == 0 {
+                anyhow::bail!("the server closed the connection");
+            }
+        }
+        Ok(status)
+    }
+}
+
+/// Verifications per second on this thread for each of `ops`, measured in alternating
+/// slices of 50 ms for about `secs` seconds each, so that drift on a shared machine hits
+/// every contender alike.
+fn per_core_interleaved(secs: f64, ops: &mut [&mut dyn FnMut() -> bool]) -> anyhow::Result<Vec<f64>> {
+    let mut counts = vec![0u64; ops.len()];
+    let mut spent = vec![0f64; ops.len()];
+    while spent.iter().any(|t| *t < secs) {
+        for (i, op) in ops.iter_mut().enumerate() {
+            let started = Instant::now();
+            while started.elapsed().as_secs_f64() < 0.05 {
+                for _ in 0..20 {
+                    anyhow::ensure!(op(), "a verification failed during the benchmark");
+                }
+                counts[i] += 20;
+            }
+            spent[i] += started.elapsed().as_secs_f64();
+        }
+    }
+    Ok(counts.iter().zip(&spent).map(|(c, t)| *c as f64 / t).collect())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// One run's figures; ratios are computed within a run, then the median is reported.
+struct Run {
+    raw1: f64,
+    raw_n: f64,
+    e2e1: Issuance,
+    e2e_n: Issuance,
 }
 
 pub async fn run(a: BenchArgs, config: Config) -> anyhow::Result<()> {
@@ -198,6 +269,7 @@ pub async fn run(a: BenchArgs, config: Config) -> anyhow::Result<()> {
         .sessions
         .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
     let secs = a.seconds.max(1);
+    let runs = a.runs.max(1);
     // The active key, and a token it signed, for the verification runs.
     let service = super::build_service(&config).await?;
     let ring_ = service.authority.key_ring();
@@ -223,84 +295,105 @@ pub async fn run(a: BenchArgs, config: Config) -> anyhow::Result<()> {
     drop(service);
 
     eprintln!(
-        "keygate bench: {secs} s per run, N = {n} sessions, {} HTTP clients",
+        "keygate bench: {runs} runs of {secs} s per measurement, N = {n} sessions, {} HTTP clients",
         a.clients
     );
-    let cfg = config.clone();
-    let u = uri.clone();
-    let raw1 = tokio::task::spawn_blocking(move || raw_sign_rate(&cfg, &u, 1, secs)).await??;
-    eprintln!("  raw sign, 1 session: {raw1:.0}/s");
-    let cfg = config.clone();
-    let u = uri.clone();
-    let raw_n = tokio::task::spawn_blocking(move || raw_sign_rate(&cfg, &u, n, secs)).await??;
-    eprintln!("  raw sign, {n} sessions: {raw_n:.0}/s");
-    let e2e1 = issuance(&config, 1, a.clients, secs).await?;
-    eprintln!("  issuance, 1 session: {:.0}/s", e2e1.rate);
-    let e2e_n = issuance(&config, n, a.clients, secs).await?;
-    eprintln!("  issuance, {n} sessions: {:.0}/s", e2e_n.rate);
+    let mut all = Vec::new();
+    for r in 1..=runs {
+        // Raw and end-to-end side by side, so each ratio compares like with like.
+        let (cfg, u) = (config.clone(), uri.clone());
+        let raw1 = tokio::task::spawn_blocking(move || raw_sign_rate(&cfg, &u, 1, secs)).await??;
+        let e2e1 = issuance(&config, 1, a.clients, secs).await?;
+        let (cfg, u) = (config.clone(), uri.clone());
+        let raw_n = tokio::task::spawn_blocking(move || raw_sign_rate(&cfg, &u, n, secs)).await??;
+        let e2e_n = issuance(&config, n, a.clients, secs).await?;
+        eprintln!(
+            "  run {r}: raw 1 {raw1:.0}/s, issue 1 {:.0}/s ({:.2}); raw {n} {raw_n:.0}/s, issue {n} {:.0}/s ({:.2})",
+            e2e1.rate,
+            e2e1.rate / raw1,
+            e2e_n.rate,
+            e2e_n.rate / raw_n
+        );
+        all.push(Run {
+            raw1,
+            raw_n,
+            e2e1,
+            e2e_n,
+        });
+    }
 
-    // Offline verification, one core.
+    // Offline verification, one core, all contenders interleaved.
     let verifier = Verifier::new(&jwks, VerifierConfig::new(config.issuer(), "bench"))?;
     let parts = jws::parse(&token).map_err(|e| anyhow::anyhow!("{e}"))?;
     let input = parts.signing_input.as_bytes().to_vec();
     let sig = parts.signature.clone();
     let (point, _) = jwks.keys[0].es256_point()?;
-    let vsecs = secs as f64 / 2.0;
-    let keygate_rate = per_core(vsecs, || {
-        verifier
-            .verify(&token)
-            .map(|c: Claims| c.sub.len() == 10)
-            .unwrap_or(false)
-    })?;
     let aws =
         aws_lc_rs::signature::ParsedPublicKey::new(&aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED, &point)
             .map_err(|_| anyhow::anyhow!("aws-lc-rs refused the key"))?;
-    let aws_rate = per_core(vsecs, || aws.verify_sig(&input, &sig).is_ok())?;
     let ring_key = ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_FIXED, &point);
-    let ring_rate = per_core(vsecs, || ring_key.verify(&input, &sig).is_ok())?;
     use p256::ecdsa::signature::Verifier as _;
     let p256_key = p256::ecdsa::VerifyingKey::from_sec1_bytes(&point)?;
     let p256_sig = p256::ecdsa::Signature::from_slice(&sig)?;
-    let p256_rate = per_core(vsecs, || p256_key.verify(&input, &p256_sig).is_ok())?;
+    let mut kg = || {
+        verifier
+            .verify(&token)
+            .map(|c: Claims| c.sub == "bench-node")
+            .unwrap_or(false)
+    };
+    let mut aw = || aws.verify_sig(&input, &sig).is_ok();
+    let mut ri = || ring_key.verify(&input, &sig).is_ok();
+    let mut p2 = || p256_key.verify(&input, &p256_sig).is_ok();
+    let rates = per_core_interleaved(
+        secs as f64 * runs as f64 / 2.0,
+        &mut [&mut kg, &mut aw, &mut ri, &mut p2],
+    )?;
+    let (keygate_rate, aws_rate, ring_rate, p256_rate) = (rates[0], rates[1], rates[2], rates[3]);
     let fastest = [("aws-lc-rs", aws_rate), ("ring", ring_rate), ("p256", p256_rate)]
         .into_iter()
         .fold(("", 0.0), |best, x| if x.1 > best.1 { x } else { best });
 
-    let r_issue1 = e2e1.rate / raw1;
-    let r_issue_n = e2e_n.rate / raw_n;
+    let med = |f: &dyn Fn(&Run) -> f64| median(all.iter().map(f).collect());
+    let (raw1, raw_n) = (med(&|r| r.raw1), med(&|r| r.raw_n));
+    let (e1, en) = (med(&|r| r.e2e1.rate), med(&|r| r.e2e_n.rate));
+    let (p50_1, p99_1) = (med(&|r| r.e2e1.p50_ms), med(&|r| r.e2e1.p99_ms));
+    let (p50_n, p99_n) = (med(&|r| r.e2e_n.p50_ms), med(&|r| r.e2e_n.p99_ms));
+    let errors: u64 = all.iter().map(|r| r.e2e1.errors + r.e2e_n.errors).sum();
+    let r_issue1 = med(&|r| r.e2e1.rate / r.raw1);
+    let r_issue_n = med(&|r| r.e2e_n.rate / r.raw_n);
     let r_verify = keygate_rate / fastest.1;
-    println!("backend                     pkcs11 (SoftHSM2 if simulator), one token");
-    println!("raw sign, 1 session         {raw1:>10.0} /s");
-    println!("raw sign, {n} sessions        {raw_n:>10.0} /s");
-    for (label, s, e) in [("1 session", 1, &e2e1), ("N sessions", n, &e2e_n)] {
-        println!(
-            "issuance, {label:<10} {:>10.0} /s   p50 {:.2} ms   p99 {:.2} ms   errors {}   ({s} sessions, {} clients)",
-            e.rate, e.p50_ms, e.p99_ms, e.errors, a.clients
-        );
-    }
-    println!("verify, keygate verifier   {keygate_rate:>10.0} /s per core");
-    println!("verify, raw aws-lc-rs      {aws_rate:>10.0} /s per core");
-    println!("verify, raw ring           {ring_rate:>10.0} /s per core");
-    println!("verify, raw p256           {p256_rate:>10.0} /s per core");
-    println!("ratio issuance/raw sign, 1 session:  {r_issue1:.2}  (target >= 0.5)");
-    println!("ratio issuance/raw sign, {n} sessions: {r_issue_n:.2}  (target >= 0.5)");
+    let c = a.clients;
+    println!("medians of {runs} runs; backend pkcs11, one token");
+    println!("raw sign, 1 session          {raw1:>8.0} /s");
+    println!("raw sign, {n} sessions         {raw_n:>8.0} /s");
     println!(
-        "ratio verify/fastest raw ({}):  {r_verify:.2}  (target >= 0.9)",
+        "issuance, 1 session          {e1:>8.0} /s   p50 {p50_1:.2} ms   p99 {p99_1:.2} ms   ({c} clients)"
+    );
+    println!(
+        "issuance, {n} sessions         {en:>8.0} /s   p50 {p50_n:.2} ms   p99 {p99_n:.2} ms   ({c} clients)"
+    );
+    println!("failed issuance requests     {errors:>8}");
+    println!("verify, keygate verifier     {keygate_rate:>8.0} /s per core");
+    println!("verify, raw aws-lc-rs        {aws_rate:>8.0} /s per core");
+    println!("verify, raw ring             {ring_rate:>8.0} /s per core");
+    println!("verify, raw p256             {p256_rate:>8.0} /s per core");
+    println!("ratio issuance/raw sign, 1 session:   {r_issue1:.2}  (target >= 0.5)");
+    println!("ratio issuance/raw sign, {n} sessions:  {r_issue_n:.2}  (target >= 0.5)");
+    println!(
+        "ratio verify/fastest raw ({}): {r_verify:.2}  (target >= 0.9)",
         fastest.0
     );
     if a.markdown {
         println!();
-        println!("| measurement | rate | ratio |");
+        println!("| measurement (median of {runs} runs) | rate | ratio |");
         println!("|---|---|---|");
         println!("| raw sign, 1 session | {raw1:.0}/s | |");
         println!("| raw sign, {n} sessions | {raw_n:.0}/s | |");
         println!(
-            "| issuance over HTTP, 1 session ({} clients) | {:.0}/s (p50 {:.2} ms, p99 {:.2} ms) | {r_issue1:.2} of raw |",
-            a.clients, e2e1.rate, e2e1.p50_ms, e2e1.p99_ms
+            "| issuance over HTTP, 1 session, {c} clients | {e1:.0}/s (p50 {p50_1:.2} ms, p99 {p99_1:.2} ms) | {r_issue1:.2} of raw |"
         );
         println!(
-            "| issuance over HTTP, {n} sessions ({} clients) | {:.0}/s (p50 {:.2} ms, p99 {:.2} ms) | {r_issue_n:.2} of raw |",
-            a.clients, e2e_n.rate, e2e_n.p50_ms, e2e_n.p99_ms
+            "| issuance over HTTP, {n} sessions, {c} clients | {en:.0}/s (p50 {p50_n:.2} ms, p99 {p99_n:.2} ms) | {r_issue_n:.2} of raw |"
         );
         println!(
             "| verify, keygate verifier, 1 core | {keygate_rate:.0}/s | {r_verify:.2} of {} |",

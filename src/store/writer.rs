@@ -136,7 +136,9 @@ async fn commit_bulk(
     }
     push_audit(&mut qb, &all, &links);
     qb.push("; COMMIT");
-    qb.build().persistent(false).execute(&mut *conn).await?;
+    // Prepared statements are cached per batch size (sqlx keeps the last 100); under load
+    // the sizes repeat, so most batches skip parsing the SQL.
+    qb.build().execute(&mut *conn).await?;
     let results = jobs.iter().map(|j| Ok(vec![1; j.ops.len()])).collect();
     let new_head = links
         .last()
