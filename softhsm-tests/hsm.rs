@@ -182,3 +182,96 @@ async fn many_concurrent_signatures_are_all_correct() {
             .unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ca_certificate_is_signed_in_the_hsm_and_openssl_accepts_it() {
+    use p256::pkcs8::EncodePublicKey;
+    let env = Env::new().await;
+    let (base, svc) = env.serve().await;
+    let keys: Vec<serde_json::Value> = reqwest::Client::new()
+        .get(format!("{base}/v1/keys"))
+        .bearer_auth(&env.admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 1);
+    let k = &keys[0];
+    assert_eq!(
+        (k["kid"].as_str(), k["state"].as_str(), k["backend"].as_str()),
+        (Some(env.kid.as_str()), Some("active"), Some("pkcs11"))
+    );
+    let pem = k["certificate"].as_str().unwrap();
+    let path = env.dir.path().join("ca.pem");
+    std::fs::write(&path, pem).unwrap();
+    let out = std::process::Command::new("openssl")
+        .args(["verify", "-check_ss_sig", "-CAfile"])
+        .arg(&path)
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // a CA, and its public key is the HSM key's (so the HSM made the self-signature)
+    let text = std::process::Command::new("openssl")
+        .args(["x509", "-noout", "-text", "-in"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("CA:TRUE") && text.contains("Certificate Sign"),
+        "{text}"
+    );
+    let spki = std::process::Command::new("openssl")
+        .args(["x509", "-noout", "-pubkey", "-in"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let uri = svc.authority.key_ring().active.uri.clone();
+    let hsm_pub = svc
+        .backend
+        .find_key(&uri)
+        .unwrap()
+        .public_key
+        .to_public_key_pem(Default::default())
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&spki.stdout).trim(), hsm_pub.trim());
+    // a certificate with one changed signature byte is refused
+    let der_path = env.dir.path().join("ca.der");
+    let conv = std::process::Command::new("openssl")
+        .args(["x509", "-outform", "DER", "-in"])
+        .arg(&path)
+        .arg("-out")
+        .arg(&der_path)
+        .status()
+        .unwrap();
+    assert!(conv.success());
+    let mut der = std::fs::read(&der_path).unwrap();
+    let last = der.len() - 3;
+    der[last] ^= 0x01;
+    let bad = env.dir.path().join("bad.der");
+    std::fs::write(&bad, der).unwrap();
+    let bad_pem = env.dir.path().join("bad.pem");
+    assert!(
+        std::process::Command::new("openssl")
+            .args(["x509", "-inform", "DER", "-in"])
+            .arg(&bad)
+            .arg("-out")
+            .arg(&bad_pem)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let out = std::process::Command::new("openssl")
+        .args(["verify", "-check_ss_sig", "-CAfile"])
+        .arg(&bad_pem)
+        .arg(&bad_pem)
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "openssl accepted a certificate with a changed signature"
+    );
+}
