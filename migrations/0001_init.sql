@@ -27,7 +27,7 @@ CREATE TABLE signing_keys (
 CREATE UNIQUE INDEX signing_keys_one_active ON signing_keys (state) WHERE state = 'active';
 
 CREATE TABLE issued_tokens (
-    jti          TEXT PRIMARY KEY,
+    jti          TEXT NOT NULL UNIQUE,
     kid          TEXT NOT NULL REFERENCES signing_keys (kid),
     sub          TEXT NOT NULL,
     aud          TEXT NOT NULL,
@@ -42,10 +42,10 @@ CREATE TABLE issued_tokens (
     redeemed_at  INTEGER,
     revoked_at   INTEGER,
     revoke_reason TEXT
-) WITHOUT ROWID;
--- Tokens are looked up by jti (the primary key, clustered) and by signing key and expiry
--- (rotation: "has this key signed anything still valid?"). One secondary index only: every
--- index is one more random-key B-tree insert per issued token (docs/benchmarks.md).
+);
+-- A rowid table: rows are appended in issue order and only the small jti index takes
+-- random-key inserts. Tokens are looked up by jti and by signing key and expiry
+-- (rotation: "has this key signed anything still valid?") (docs/benchmarks.md).
 CREATE INDEX issued_tokens_kid_exp ON issued_tokens (kid, exp);
 
 -- Hash-chained audit log: hash = hex SHA-256(prev_hash || "\n" || canonical JSON entry),
