@@ -8,6 +8,11 @@ use keygate::cli::{Cli, Command};
 use keygate::config::Config;
 use tracing_subscriber::EnvFilter;
 
+/// mimalloc: the request path allocates a lot (HTTP, JSON, SQL); glibc malloc was about
+/// 10% of server CPU under load (docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn init_tracing(command: &Command) {
     let default = match command {
         Command::Serve => "info",
