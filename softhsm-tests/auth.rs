@@ -6,7 +6,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::common::Env;
+use crate::common::{Env, delete_authed, get_authed};
 
 async fn post_issue(base: &str, token: Option<&str>) -> reqwest::Response {
     let mut r = reqwest::Client::new()
@@ -83,20 +83,10 @@ async fn credentials_are_checked_and_refusals_audited() {
             .unwrap()
             .contains("insufficient_scope")
     );
-    let r = reqwest::Client::new()
-        .get(format!("{base}/v1/keys"))
-        .bearer_auth(reader_secret)
-        .send()
-        .await
-        .unwrap();
+    let r = get_authed(&base, "/v1/keys", reader_secret).await;
     assert_eq!(r.status(), 200);
     // admin-only endpoints refuse a non-admin
-    let r = reqwest::Client::new()
-        .get(format!("{base}/v1/api-tokens"))
-        .bearer_auth(reader_secret)
-        .send()
-        .await
-        .unwrap();
+    let r = get_authed(&base, "/v1/api-tokens", reader_secret).await;
     assert_problem(&r, 403);
 
     // an issuer token works
@@ -114,21 +104,11 @@ async fn credentials_are_checked_and_refusals_audited() {
 
     // deleted: refused on the very next request
     let id = issuer["id"].as_str().unwrap();
-    let r = reqwest::Client::new()
-        .delete(format!("{base}/v1/api-tokens/{id}"))
-        .bearer_auth(&env.admin)
-        .send()
-        .await
-        .unwrap();
+    let r = delete_authed(&base, &format!("/v1/api-tokens/{id}"), &env.admin).await;
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
     assert_problem(&post_issue(&base, issuer["token"].as_str()).await, 401);
     let audit_before = env.counts().await.2;
-    let r = reqwest::Client::new()
-        .delete(format!("{base}/v1/api-tokens/{id}"))
-        .bearer_auth(&env.admin)
-        .send()
-        .await
-        .unwrap();
+    let r = delete_authed(&base, &format!("/v1/api-tokens/{id}"), &env.admin).await;
     assert_problem(&r, 404);
     // deleting a token that is not there changes nothing, so nothing is audited
     assert_eq!(
@@ -138,12 +118,8 @@ async fn credentials_are_checked_and_refusals_audited() {
     );
 
     // the list shows no secrets; the database holds only hashes
-    let list: Value = reqwest::Client::new()
-        .get(format!("{base}/v1/api-tokens"))
-        .bearer_auth(&env.admin)
-        .send()
+    let list: Value = get_authed(&base, "/v1/api-tokens", &env.admin)
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();

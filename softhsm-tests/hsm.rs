@@ -7,7 +7,7 @@ use keygate::keys::KeyBackend;
 use p256::ecdsa::signature::Verifier as _;
 use p256::ecdsa::{Signature, VerifyingKey};
 
-use crate::common::{Env, softhsm_conf};
+use crate::common::{Env, get_authed, softhsm_conf};
 
 fn bool_attr(attrs: &[Attribute], t: AttributeType) -> Option<bool> {
     attrs.iter().find_map(|a| match (a, t) {
@@ -188,12 +188,8 @@ async fn ca_certificate_is_signed_in_the_hsm_and_openssl_accepts_it() {
     use p256::pkcs8::EncodePublicKey;
     let env = Env::new().await;
     let (base, svc) = env.serve().await;
-    let keys: Vec<serde_json::Value> = reqwest::Client::new()
-        .get(format!("{base}/v1/keys"))
-        .bearer_auth(&env.admin)
-        .send()
+    let keys: Vec<serde_json::Value> = get_authed(&base, "/v1/keys", &env.admin)
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();

@@ -12,7 +12,7 @@ use keygate::token::{Claims, JwkSet, Verifier, VerifierConfig, VerifyError, b64}
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
-use crate::common::{Env, issue, jwks};
+use crate::common::{Env, introspect, issue, jwks};
 
 fn jsonwebtoken_verify(
     token: &str,
@@ -312,19 +312,8 @@ async fn introspection_follows_rfc7662() {
     )
     .await;
     let token = out["token"].as_str().unwrap();
-    let c = reqwest::Client::new();
-    let url = format!("{base}/v1/tokens/introspect");
     // form, as RFC 7662 §2.1 says
-    let r: Value = c
-        .post(&url)
-        .bearer_auth(&env.admin)
-        .form(&[("token", token)])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let r = introspect(&base, &env.admin, token).await;
     assert_eq!(r["active"], true);
     assert_eq!(
         (r["sub"].as_str(), r["scope"].as_str(), r["kid"].as_str()),
@@ -335,8 +324,8 @@ async fn introspection_follows_rfc7662() {
         (Some(false), Some(false))
     );
     // JSON also accepted
-    let r: Value = c
-        .post(&url)
+    let r: Value = reqwest::Client::new()
+        .post(format!("{base}/v1/tokens/introspect"))
         .bearer_auth(&env.admin)
         .json(&json!({"token": token}))
         .send()
@@ -351,17 +340,7 @@ async fn introspection_follows_rfc7662() {
     bad.pop();
     bad.push(if token.ends_with('A') { 'B' } else { 'A' });
     for t in ["not-a-token", bad.as_str()] {
-        let r: Value = c
-            .post(&url)
-            .bearer_auth(&env.admin)
-            .form(&[("token", t)])
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        assert_eq!(r, json!({"active": false}));
+        assert_eq!(introspect(&base, &env.admin, t).await, json!({"active": false}));
     }
 }
 

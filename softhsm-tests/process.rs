@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 use keygate::token::{Verifier, VerifierConfig};
 use serde_json::{Value, json};
 
-use crate::common::{Env, SO_PIN, Server, free_port, issue, jwks, softhsm_conf};
+use crate::common::{Env, SO_PIN, Server, free_port, get_authed, introspect, issue, jwks, softhsm_conf};
 
 /// Runs `keygate serve` with `toml` and returns (exit success, stderr).
 fn serve_with(env: &Env, toml: &str) -> (bool, String) {
@@ -97,20 +97,9 @@ async fn restart_keeps_key_jwks_and_earlier_tokens() {
     let jwks2 = jwks(&base).await;
     assert_eq!(jwks1, jwks2, "same key, same JWKS after restart");
     let v = Verifier::new(&jwks2, VerifierConfig::new(env.config.issuer(), "fleet")).unwrap();
-    let c = reqwest::Client::new();
     for t in &tokens {
         v.verify(t).unwrap();
-        let r: Value = c
-            .post(format!("{base}/v1/tokens/introspect"))
-            .bearer_auth(&env.admin)
-            .form(&[("token", t.as_str())])
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        assert_eq!(r["active"], true);
+        assert_eq!(introspect(&base, &env.admin, t).await["active"], true);
     }
     let out = issue(
         &base,
@@ -271,21 +260,12 @@ async fn no_secret_appears_in_the_logs() {
         )
         .await;
         let t = out["token"].as_str().unwrap().to_owned();
-        c.post(format!("{base}/v1/tokens/introspect"))
-            .bearer_auth(&ops)
-            .form(&[("token", t.as_str())])
-            .send()
-            .await
-            .unwrap();
+        introspect(&base, &ops, &t).await;
         secrets.push(t.rsplit('.').next().unwrap().to_owned());
         secrets.push(t);
     }
     let wrong = format!("kg_{}", "Z".repeat(43));
-    c.get(format!("{base}/v1/keys"))
-        .bearer_auth(&wrong)
-        .send()
-        .await
-        .unwrap();
+    assert_eq!(get_authed(&base, "/v1/keys", &wrong).await.status(), 401);
     secrets.push(wrong);
     // the CLI as a client, and a second init printing a new admin token
     let out = env

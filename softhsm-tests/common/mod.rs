@@ -253,3 +253,37 @@ pub async fn jwks(base: &str) -> keygate::token::JwkSet {
         .await
         .unwrap()
 }
+
+/// `GET base+path` with a bearer API token.
+pub async fn get_authed(base: &str, path: &str, api_token: &str) -> reqwest::Response {
+    reqwest::Client::new()
+        .get(format!("{base}{path}"))
+        .bearer_auth(api_token)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// `DELETE base+path` with a bearer API token.
+pub async fn delete_authed(base: &str, path: &str, api_token: &str) -> reqwest::Response {
+    reqwest::Client::new()
+        .delete(format!("{base}{path}"))
+        .bearer_auth(api_token)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// RFC 7662 introspection of `token`, sent as a form (RFC 7662 §2.1).
+pub async fn introspect(base: &str, api_token: &str, token: &str) -> serde_json::Value {
+    reqwest::Client::new()
+        .post(format!("{base}/v1/tokens/introspect"))
+        .bearer_auth(api_token)
+        .form(&[("token", token)])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
