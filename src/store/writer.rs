@@ -57,19 +57,21 @@ pub(super) async fn run(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Job>)
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let jobs = std::mem::take(&mut batch);
-        let bulk = match &head {
-            Some(h) if jobs.iter().all(Job::bulk_ok) => commit_bulk(&mut conn, &jobs, h).await,
-            _ => Err(StoreError::Unavailable("careful path".into())),
+        let fast = match &head {
+            Some(h) if jobs.iter().all(Job::bulk_ok) => Some(commit_bulk(&mut conn, &jobs, h).await),
+            _ => None,
         };
-        let results = match bulk {
-            Ok((results, new_head)) => {
+        let results = match fast {
+            Some(Ok((results, new_head))) => {
                 head = Some(new_head);
                 results
             }
-            Err(e) => {
-                tracing::debug!(error = %e, writes = jobs.len(), "writing one by one");
-                // Leave no transaction open behind a failed multi-statement query.
-                let _ = conn.execute("ROLLBACK").await;
+            failed_or_not_tried => {
+                if let Some(Err(e)) = failed_or_not_tried {
+                    tracing::debug!(error = %e, writes = jobs.len(), "batch failed; writing one by one");
+                    // Leave no transaction open behind a failed multi-statement query.
+                    let _ = conn.execute("ROLLBACK").await;
+                }
                 match commit_each(&mut conn, &jobs).await {
                     Ok((results, new_head)) => {
                         head = Some(new_head);
