@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs, from Debian's packages, whatever keygate needs that this machine lacks:
 # SoftHSM2 (the embedded development token and the test HSM), OpenSC (pkcs11-tool),
-# openssl (independent checks in the tests) and pkg-config. Does nothing when all is there.
+# openssl (independent checks in the tests), pkg-config, the swtpm TPM 2.0 simulator,
+# tpm2-tools and libtss2-dev (for tss-esapi). Does nothing when all is there.
 set -euo pipefail
 
 need=()
@@ -9,6 +10,11 @@ need=()
 command -v pkcs11-tool >/dev/null || need+=(opensc)
 command -v openssl >/dev/null || need+=(openssl)
 command -v pkg-config >/dev/null || need+=(pkg-config)
+# TPM 2.0: the simulator and its tools, and the TSS library tss-esapi links against
+command -v swtpm >/dev/null || need+=(swtpm)
+command -v swtpm_setup >/dev/null || need+=(swtpm-tools)
+command -v tpm2_getcap >/dev/null || need+=(tpm2-tools)
+pkg-config --exists tss2-esys 2>/dev/null || need+=(libtss2-dev)
 command -v cc >/dev/null || need+=(gcc)
 
 if [ ${#need[@]} -eq 0 ]; then

@@ -10,3 +10,4 @@ mod cli;
 mod hsm;
 mod http;
 mod process;
+mod tpm;

@@ -1,6 +1,8 @@
 //! Test harness: a process-wide SoftHSM2 configuration, a fresh token per test, keygate
 //! initialised on it, and helpers to serve it in-process or run the real binary.
 
+pub mod swtpm;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -10,6 +10,7 @@ pub mod pkcs11;
 pub mod queue;
 pub mod secret;
 pub mod signer;
+pub mod tpm;
 
 pub use queue::SignQueue;
 pub use secret::SecretSource;
@@ -45,6 +46,8 @@ pub enum KeyError {
     BadPublicKey(String),
     #[error("key backend busy: no session free within {0} ms")]
     Busy(u64),
+    #[error("TPM {what} failed: {reason}")]
+    Tpm { what: String, reason: String },
     #[error("cannot read {what}: {reason}")]
     Secret { what: String, reason: String },
 }
@@ -54,7 +57,11 @@ impl KeyError {
     pub fn is_unavailable(&self) -> bool {
         matches!(
             self,
-            KeyError::Busy(_) | KeyError::Pkcs11 { .. } | KeyError::TokenNotFound(_) | KeyError::Login(_)
+            KeyError::Busy(_)
+                | KeyError::Pkcs11 { .. }
+                | KeyError::Tpm { .. }
+                | KeyError::TokenNotFound(_)
+                | KeyError::Login(_)
         )
     }
 }
