@@ -30,7 +30,7 @@ async fn signing_key_is_sensitive_unextractable_and_sign_only() {
     let env = Env::new().await;
     let svc = env.service().await;
     let uri = svc.authority.key_ring().active.uri.clone();
-    let backend = svc.backend.clone();
+    let backend = svc.pkcs11.clone().unwrap();
     let key = backend.private_handle(&uri).unwrap();
     let types = [
         AttributeType::Token,
@@ -142,7 +142,7 @@ async fn sessions_recover_when_the_hsm_closes_them_or_logs_out() {
     let env = Env::new().await;
     let svc = env.service().await;
     let uri = svc.authority.key_ring().active.uri.clone();
-    let backend = svc.backend.clone();
+    let backend = svc.pkcs11.clone().unwrap();
     check_sig(&backend, &uri, b"before");
 
     // The HSM drops every session of the application (as after a restart or failover).
@@ -166,7 +166,7 @@ async fn many_concurrent_signatures_are_all_correct() {
     let env = Env::new().await;
     let svc = env.service().await;
     let uri = svc.authority.key_ring().active.uri.clone();
-    let backend = svc.backend.clone();
+    let backend = svc.pkcs11.clone().unwrap();
     let vk = VerifyingKey::from(&backend.find_key(&uri).unwrap().public_key);
     let mut tasks = Vec::new();
     for i in 0..400u32 {
@@ -227,7 +227,9 @@ async fn ca_certificate_is_signed_in_the_hsm_and_openssl_accepts_it() {
         .unwrap();
     let uri = svc.authority.key_ring().active.uri.clone();
     let hsm_pub = svc
-        .backend
+        .pkcs11
+        .as_ref()
+        .unwrap()
         .find_key(&uri)
         .unwrap()
         .public_key

@@ -174,3 +174,167 @@ fn tpm_key_auth_is_required_and_missing_tpm_is_one_line() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn http_api_on_the_tpm_backend_and_a_tpm_outage() {
+    use crate::common::{get_authed, issue, jwks};
+    use keygate::token::{Verifier, VerifierConfig};
+    use serde_json::json;
+
+    let mut tpm = Swtpm::start();
+    let env = Env::on_tpm(&tpm.tcti()).await;
+    let (base, _svc) = env.serve().await;
+
+    // /v1/keys shows the TPM key; its CA certificate was signed inside the TPM
+    let keys: Vec<serde_json::Value> = get_authed(&base, "/v1/keys", &env.admin)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (keys[0]["backend"].as_str(), keys[0]["uri"].as_str()),
+        (Some("tpm"), Some("tpm:handle=0x81010100"))
+    );
+    let ca = env.dir.path().join("ca.pem");
+    std::fs::write(&ca, keys[0]["certificate"].as_str().unwrap()).unwrap();
+    let ok = std::process::Command::new("openssl")
+        .args(["verify", "-check_ss_sig", "-CAfile"])
+        .arg(&ca)
+        .arg(&ca)
+        .status()
+        .unwrap();
+    assert!(ok.success());
+
+    // a token issued on the TPM verifies with the JWKS, and with jsonwebtoken
+    let out = issue(
+        &base,
+        &env.admin,
+        json!({"subject": "tpm-node", "audience": "fleet"}),
+    )
+    .await;
+    let token = out["token"].as_str().unwrap();
+    assert_eq!(out["kid"], env.kid.as_str());
+    let set = jwks(&base).await;
+    Verifier::new(&set, VerifierConfig::new(env.config.issuer(), "fleet"))
+        .unwrap()
+        .verify(token)
+        .unwrap();
+    let jwk: jsonwebtoken::jwk::Jwk =
+        serde_json::from_value(serde_json::to_value(&set.keys[0]).unwrap()).unwrap();
+    let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
+    v.set_audience(&["fleet"]);
+    v.set_issuer(&[env.config.issuer()]);
+    jsonwebtoken::decode::<serde_json::Value>(token, &jsonwebtoken::DecodingKey::from_jwk(&jwk).unwrap(), &v)
+        .unwrap();
+
+    // The TPM goes away: every request answers 503 quickly (none 500, none a token),
+    // /readyz is 503; when it is back, issuance resumes with the same key by itself.
+    tpm.stop();
+    let c = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(10))
+        .build()
+        .unwrap();
+    for _ in 0..5 {
+        let started = Instant::now();
+        let r = c
+            .post(format!("{base}/v1/tokens"))
+            .bearer_auth(&env.admin)
+            .json(&json!({"subject": "during-outage", "audience": "fleet"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 503, "{}", r.text().await.unwrap());
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "a request hung while the TPM was down"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await; // past the readiness probe's reuse
+    assert_eq!(
+        reqwest::get(format!("{base}/readyz")).await.unwrap().status(),
+        503
+    );
+    tpm.restart();
+    let out = issue(
+        &base,
+        &env.admin,
+        json!({"subject": "after-outage", "audience": "fleet"}),
+    )
+    .await;
+    assert_eq!(out["kid"], env.kid.as_str());
+    assert_eq!(
+        reqwest::get(format!("{base}/readyz")).await.unwrap().status(),
+        200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn binary_init_and_serve_on_the_tpm_from_environment_variables() {
+    let tpm = Swtpm::start();
+    let dir = tempfile::tempdir().unwrap();
+    let port = crate::common::free_port();
+    let kg = || {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_keygate"));
+        c.env_remove("KEYGATE_CONFIG")
+            .env("KEYGATE_DATA_DIR", dir.path())
+            .env("KEYGATE_LISTEN", format!("127.0.0.1:{port}"))
+            .env("KEYGATE_BACKEND", "tpm")
+            .env("KEYGATE_TPM_TCTI", tpm.tcti());
+        c
+    };
+    let out = kg().arg("init").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let admin = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .trim_start_matches("KEYGATE_ADMIN_TOKEN=")
+        .to_owned();
+    assert!(admin.starts_with("kg_"));
+    assert!(
+        !dir.path().join("softhsm2.conf").exists(),
+        "no SoftHSM2 token on the TPM backend"
+    );
+    let log = dir.path().join("serve.log");
+    let mut child = kg()
+        .arg("serve")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut keys = serde_json::Value::Null;
+    for _ in 0..200 {
+        if let Ok(r) = reqwest::Client::new()
+            .get(format!("{base}/v1/keys"))
+            .bearer_auth(&admin)
+            .send()
+            .await
+        {
+            if r.status() == 200 {
+                keys = r.json().await.unwrap();
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(
+        keys[0]["backend"],
+        "tpm",
+        "{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    assert_eq!(keys[0]["uri"], "tpm:handle=0x81010100");
+    assert!(
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("swtpm, a software simulator")
+    );
+    // an unknown backend name is one line
+    let out = kg().env("KEYGATE_BACKEND", "hsm").arg("serve").output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.trim().lines().count() == 1 && err.contains("KEYGATE_BACKEND"),
+        "{err}"
+    );
+}

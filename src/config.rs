@@ -1,5 +1,6 @@
 //! Configuration: TOML with `deny_unknown_fields`, then the environment overrides
-//! `KEYGATE_DATA_DIR` and `KEYGATE_LISTEN` (`KEYGATE_CONFIG` names the file).
+//! `KEYGATE_DATA_DIR`, `KEYGATE_LISTEN`, `KEYGATE_BACKEND` and `KEYGATE_TPM_TCTI`
+//! (`KEYGATE_CONFIG` names the file).
 //!
 //! With no file at all keygate runs on its embedded defaults: a SoftHSM2 token and an SQLite
 //! database under the data folder (`./keygate-data`, or `KEYGATE_DATA_DIR`).
@@ -11,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::keys::SecretSource;
 use crate::keys::pkcs11::{Pkcs11Config, default_acquire_ms, default_sessions};
+use crate::keys::tpm::TpmConfig;
 
 /// Debian's SoftHSM2 module path (FACTS.md).
 pub const SOFTHSM2_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
@@ -35,6 +37,7 @@ pub enum ConfigError {
 pub enum BackendKind {
     #[default]
     Pkcs11,
+    Tpm,
 }
 
 /// The whole configuration file.
@@ -55,9 +58,12 @@ pub struct Config {
     pub issuer: Option<String>,
     #[serde(default)]
     pub backend: BackendKind,
-    /// PKCS#11 token. Absent: the embedded SoftHSM2 token under `data_dir`.
+    /// PKCS#11 token. Absent (with `backend = "pkcs11"`): the embedded SoftHSM2 token.
     #[serde(default)]
     pub pkcs11: Option<Pkcs11Config>,
+    /// TPM 2.0 (with `backend = "tpm"`).
+    #[serde(default)]
+    pub tpm: Option<TpmConfig>,
     #[serde(default)]
     pub store: StoreConfig,
     #[serde(default)]
@@ -197,6 +203,24 @@ impl Config {
         if let Some(dir) = std::env::var_os("KEYGATE_DATA_DIR") {
             cfg.data_dir = PathBuf::from(dir);
         }
+        if let Ok(b) = std::env::var("KEYGATE_BACKEND") {
+            cfg.backend = match b.as_str() {
+                "pkcs11" => BackendKind::Pkcs11,
+                "tpm" => BackendKind::Tpm,
+                _ => {
+                    return Err(ConfigError::Env {
+                        var: "KEYGATE_BACKEND",
+                        reason: format!("{b:?} is not \"pkcs11\" or \"tpm\""),
+                    });
+                }
+            };
+        }
+        if let Ok(tcti) = std::env::var("KEYGATE_TPM_TCTI") {
+            match &mut cfg.tpm {
+                Some(t) => t.tcti = tcti,
+                None => cfg.tpm = Some(TpmConfig::with_tcti(tcti)),
+            }
+        }
         if let Ok(listen) = std::env::var("KEYGATE_LISTEN") {
             cfg.listen = listen.parse().map_err(|_| ConfigError::Env {
                 var: "KEYGATE_LISTEN",
@@ -232,6 +256,33 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "api_tokens.default_ttl_seconds exceeds api_tokens.max_ttl_seconds".into(),
             ));
+        }
+        match (self.backend, &self.pkcs11, &self.tpm) {
+            (BackendKind::Tpm, None, None) => {
+                return Err(ConfigError::Invalid(
+                    "backend = \"tpm\" needs a [tpm] table (or KEYGATE_TPM_TCTI)".into(),
+                ));
+            }
+            (BackendKind::Tpm, Some(_), _) => {
+                return Err(ConfigError::Invalid(
+                    "backend = \"tpm\" but a [pkcs11] table is given: remove one".into(),
+                ));
+            }
+            (BackendKind::Pkcs11, _, Some(_)) => {
+                return Err(ConfigError::Invalid(
+                    "a [tpm] table is given but backend is \"pkcs11\": set backend = \"tpm\" or remove [tpm]"
+                        .into(),
+                ));
+            }
+            _ => {}
+        }
+        if let Some(t) = &self.tpm {
+            if t.handle_base >> 24 != 0x81 || t.handle_count == 0 || t.timeout_ms == 0 {
+                return Err(ConfigError::Invalid(
+                    "[tpm] handle_base must be a persistent handle 0x81......, handle_count and timeout_ms positive"
+                        .into(),
+                ));
+            }
         }
         if let Some(p) = &self.pkcs11 {
             if p.token_label.is_none() && p.token_serial.is_none() {
@@ -274,7 +325,7 @@ impl Config {
 
     /// True when keygate manages its own SoftHSM2 token under `data_dir`.
     pub fn is_embedded(&self) -> bool {
-        self.pkcs11.is_none()
+        self.backend == BackendKind::Pkcs11 && self.pkcs11.is_none()
     }
 
     /// The PKCS#11 settings in force (the embedded SoftHSM2 token when none are configured).
@@ -354,6 +405,22 @@ mod tests {
             assert!(c.validate().is_err(), "{text}");
         }
         assert!(Config::parse("[store]\nsynchronous=\"off\"").is_err());
+    }
+
+    #[test]
+    fn backend_tables_must_match_the_backend() {
+        let tpm = "backend = \"tpm\"\n[tpm]\ntcti = \"swtpm:host=127.0.0.1,port=2321\"";
+        let c = Config::parse(tpm).unwrap();
+        c.validate().unwrap();
+        assert!(!c.is_embedded());
+        assert_eq!(c.tpm.as_ref().unwrap().handle_base, 0x8101_0100);
+        let no_table = Config::parse("backend = \"tpm\"").unwrap();
+        assert!(no_table.validate().unwrap_err().to_string().contains("[tpm]"));
+        let stray = Config::parse("[tpm]\ntcti = \"device:/dev/tpmrm0\"").unwrap();
+        assert!(stray.validate().unwrap_err().to_string().contains("backend"));
+        let both = format!("{tpm}\n[pkcs11]\nmodule=\"/x\"\ntoken_label=\"a\"\npin={{file=\"/p\"}}");
+        assert!(Config::parse(&both).unwrap().validate().is_err());
+        assert!(Config::parse("backend = \"hsm\"").is_err());
     }
 
     #[test]

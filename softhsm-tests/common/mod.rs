@@ -117,6 +117,30 @@ impl Env {
         }
     }
 
+    /// keygate initialised on a TPM (`backend = "tpm"`) reached through `tcti`.
+    pub async fn on_tpm(tcti: &str) -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let text = format!(
+            "data_dir = \"{data}\"\nlisten = \"127.0.0.1:{port}\"\nbackend = \"tpm\"\n[tpm]\ntcti = \"{tcti}\"\ntimeout_ms = 1000\n",
+            data = dir.path().display(),
+        );
+        let config_path = dir.path().join("keygate.toml");
+        std::fs::write(&config_path, &text).unwrap();
+        let config = Config::parse(&text).unwrap();
+        config.validate().unwrap();
+        let out = init(&config, false).await.unwrap();
+        let admin = out.admin_token.as_ref().unwrap().to_string();
+        Env {
+            kid: out.kid.clone(),
+            dir,
+            config,
+            config_path,
+            admin,
+            user_pin: String::new(),
+        }
+    }
+
     /// Builds the service in-process (router for `oneshot`, authority, backend).
     pub async fn service(&self) -> Service {
         build_service(&self.config).await.unwrap()

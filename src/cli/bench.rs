@@ -12,8 +12,6 @@ use hdrhistogram::Histogram;
 
 use crate::authority::Principal;
 use crate::config::Config;
-use crate::keys::KeyBackend;
-use crate::keys::pkcs11::Pkcs11Backend;
 use crate::token::{Claims, Verifier, VerifierConfig, jws};
 
 #[derive(Debug, Args)]
@@ -50,9 +48,7 @@ fn digest(msg: &[u8]) -> [u8; 32] {
 
 /// Signatures per second with `sessions` sessions and as many signing threads.
 fn raw_sign_rate(config: &Config, uri: &str, sessions: usize, secs: u64) -> anyhow::Result<f64> {
-    let mut pk = config.pkcs11();
-    pk.sessions = sessions;
-    let backend = Arc::new(Pkcs11Backend::open(&pk)?);
+    let (backend, _) = super::serve::open_backend_blocking(config, Some(sessions))?;
     let d = digest(b"keygate bench");
     backend.sign_digest(uri, &d)?;
     let stop = Arc::new(AtomicBool::new(false));
@@ -81,11 +77,7 @@ fn raw_sign_rate(config: &Config, uri: &str, sessions: usize, secs: u64) -> anyh
 
 /// Tokens per second through `POST /v1/tokens` on loopback, `clients` at once.
 async fn issuance(config: &Config, sessions: usize, clients: usize, secs: u64) -> anyhow::Result<Issuance> {
-    let mut cfg = config.clone();
-    let mut pk = cfg.pkcs11();
-    pk.sessions = sessions;
-    cfg.pkcs11 = Some(pk);
-    let service = super::build_service(&cfg).await?;
+    let service = super::serve::build_service_with(config, Some(sessions)).await?;
     let who = Principal {
         id: "bench".into(),
         scopes: vec![crate::authority::Scope::Admin],
@@ -265,15 +257,20 @@ pub async fn run(a: BenchArgs, config: Config) -> anyhow::Result<()> {
     if config.is_embedded() && !config.data_dir.join("keygate.db").exists() {
         super::init(&config, false).await?;
     }
-    let n = a
-        .sessions
-        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
+    // A TPM runs one command at a time: N is 1 there.
+    let n = if config.backend == crate::config::BackendKind::Tpm {
+        1
+    } else {
+        a.sessions
+            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2))
+    };
     let secs = a.seconds.max(1);
     let runs = a.runs.max(1);
     // The active key, and a token it signed, for the verification runs.
     let service = super::build_service(&config).await?;
     let ring_ = service.authority.key_ring();
     let uri = ring_.active.uri.clone();
+    let backend_kind = service.backend.kind();
     let jwks = ring_.jwks.clone();
     let who = Principal {
         id: "bench".into(),
@@ -363,7 +360,7 @@ pub async fn run(a: BenchArgs, config: Config) -> anyhow::Result<()> {
     let r_issue_n = med(&|r| r.e2e_n.rate / r.raw_n);
     let r_verify = keygate_rate / fastest.1;
     let c = a.clients;
-    println!("medians of {runs} runs; backend pkcs11, one token");
+    println!("medians of {runs} runs; backend {}, one key", backend_kind);
     println!("raw sign, 1 session          {raw1:>8.0} /s");
     println!("raw sign, {n} sessions         {raw_n:>8.0} /s");
     println!(

@@ -2,7 +2,6 @@
 
 use std::io::Write;
 use std::path::Path;
-use std::sync::Arc;
 
 use anyhow::Context;
 use cryptoki::types::AuthPin;
@@ -10,8 +9,7 @@ use zeroize::Zeroizing;
 
 use crate::authority::{Authority, Settings, ensure_active_key};
 use crate::config::Config;
-use crate::keys::KeyBackend;
-use crate::keys::pkcs11::{Pkcs11Backend, init_token};
+use crate::keys::pkcs11::init_token;
 use crate::store::Store;
 use crate::token::b64;
 
@@ -130,9 +128,7 @@ pub async fn init(config: &Config, new_admin_token: bool) -> anyhow::Result<Init
         let pk2 = pk.clone();
         token_created = tokio::task::spawn_blocking(move || init_token(&pk2, &so, &user)).await??;
     }
-    let pk2 = pk.clone();
-    let backend: Arc<dyn KeyBackend> =
-        Arc::new(tokio::task::spawn_blocking(move || Pkcs11Backend::open(&pk2)).await??);
+    let (backend, _) = super::serve::open_backend(config, None).await?;
     let store = Store::open(
         &config.store_url(),
         config.store.synchronous == crate::config::Synchronous::Full,

@@ -7,27 +7,71 @@ use anyhow::Context;
 
 use crate::api::{self, AppState};
 use crate::authority::{Authority, Settings};
-use crate::config::Config;
+use crate::config::{BackendKind, Config};
 use crate::keys::KeyBackend;
+use crate::keys::KeyError;
 use crate::keys::pkcs11::Pkcs11Backend;
+use crate::keys::tpm::TpmBackend;
 use crate::store::Store;
 
 /// Everything `serve` runs, built but not yet listening (tests drive the router directly).
 pub struct Service {
     pub router: axum::Router,
     pub authority: Arc<Authority>,
-    pub backend: Arc<Pkcs11Backend>,
+    pub backend: Arc<dyn KeyBackend>,
+    /// The same backend when it is PKCS#11 (tests inspect the token through it).
+    pub pkcs11: Option<Arc<Pkcs11Backend>>,
 }
 
-/// Opens the key backend (a wrong PIN, a missing module or an unknown token fail here with
-/// one line), the store and the key ring.
+/// An opened backend, and the same one as PKCS#11 when it is that (for tests).
+pub type OpenedBackend = (Arc<dyn KeyBackend>, Option<Arc<Pkcs11Backend>>);
+
+/// The configured key backend, opened (this blocks on the device). `sessions` overrides the
+/// PKCS#11 pool size (`keygate bench`); a TPM runs one command at a time anyway.
+pub fn open_backend_blocking(config: &Config, sessions: Option<usize>) -> Result<OpenedBackend, KeyError> {
+    match config.backend {
+        BackendKind::Pkcs11 => {
+            let mut pk = config.pkcs11();
+            if let Some(n) = sessions {
+                pk.sessions = n;
+            }
+            let b = Arc::new(Pkcs11Backend::open(&pk)?);
+            Ok((b.clone(), Some(b)))
+        }
+        BackendKind::Tpm => {
+            let t = config
+                .tpm
+                .as_ref()
+                .ok_or_else(|| KeyError::Config("backend = \"tpm\" needs a [tpm] table".into()))?;
+            Ok((Arc::new(TpmBackend::open(t)?), None))
+        }
+    }
+}
+
+/// [`open_backend_blocking`] on a blocking thread.
+pub async fn open_backend(config: &Config, sessions: Option<usize>) -> anyhow::Result<OpenedBackend> {
+    let config = config.clone();
+    Ok(tokio::task::spawn_blocking(move || open_backend_blocking(&config, sessions)).await??)
+}
+
+/// Opens the key backend (a wrong PIN, a missing module or TPM, an unknown token fail here
+/// with one line), the store and the key ring.
 pub async fn build_service(config: &Config) -> anyhow::Result<Service> {
-    let pk = config.pkcs11();
-    let backend = Arc::new(tokio::task::spawn_blocking(move || Pkcs11Backend::open(&pk)).await??);
+    build_service_with(config, None).await
+}
+
+/// [`build_service`] with the PKCS#11 pool size overridden.
+pub async fn build_service_with(config: &Config, sessions: Option<usize>) -> anyhow::Result<Service> {
+    let (backend, pkcs11) = open_backend(config, sessions).await?;
     if backend.is_simulator() {
+        let name = if backend.kind() == "tpm" {
+            "swtpm"
+        } else {
+            "SoftHSM2"
+        };
         tracing::warn!(
-            backend = "pkcs11",
-            "the key backend is SoftHSM2, a software simulator: keys are NOT protected by hardware; use it for development and tests only"
+            backend = backend.kind(),
+            "the key backend is {name}, a software simulator: keys are NOT protected by hardware; use it for development and tests only"
         );
     }
     let store = Store::open(
@@ -35,9 +79,8 @@ pub async fn build_service(config: &Config) -> anyhow::Result<Service> {
         config.store.synchronous == crate::config::Synchronous::Full,
     )
     .await?;
-    let dyn_backend: Arc<dyn KeyBackend> = backend.clone();
     let authority = Arc::new(
-        Authority::open(store, dyn_backend, Settings::from_config(config))
+        Authority::open(store, backend.clone(), Settings::from_config(config))
             .await
             .context("cannot load signing keys")?,
     );
@@ -52,6 +95,7 @@ pub async fn build_service(config: &Config) -> anyhow::Result<Service> {
         router: api::router(state),
         authority,
         backend,
+        pkcs11,
     })
 }
 

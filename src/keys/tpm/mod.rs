@@ -38,6 +38,19 @@ pub struct TpmConfig {
     pub timeout_ms: u64,
 }
 
+impl TpmConfig {
+    /// Defaults with this TCTI (what `KEYGATE_TPM_TCTI` alone gives).
+    pub fn with_tcti(tcti: String) -> TpmConfig {
+        TpmConfig {
+            tcti,
+            handle_base: default_handle_base(),
+            handle_count: default_handle_count(),
+            auth: None,
+            timeout_ms: default_timeout_ms(),
+        }
+    }
+}
+
 fn default_handle_base() -> u32 {
     0x8101_0100
 }
