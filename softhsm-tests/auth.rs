@@ -39,9 +39,7 @@ fn assert_problem(r: &reqwest::Response, status: u16) {
     assert_eq!(r.headers()["content-type"], "application/problem+json");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn credentials_are_checked_and_refusals_audited() {
-    let env = Env::new().await;
+async fn credentials_are_checked_and_refusals_audited(env: Env) {
     let (base, _svc) = env.serve().await;
 
     let r = post_issue(&base, None).await;
@@ -141,9 +139,9 @@ async fn credentials_are_checked_and_refusals_audited() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn api_token_requests_are_validated() {
-    let env = Env::new().await;
+on_both_backends!(credentials_are_checked_and_refusals_audited);
+
+async fn api_token_requests_are_validated(env: Env) {
     let (base, _svc) = env.serve().await;
     let c = reqwest::Client::new();
     for body in [
@@ -163,3 +161,5 @@ async fn api_token_requests_are_validated() {
         assert_problem(&r, 400);
     }
 }
+
+on_both_backends!(api_token_requests_are_validated);

@@ -8,9 +8,7 @@ use tower::ServiceExt;
 
 use crate::common::Env;
 
-#[tokio::test(flavor = "multi_thread")]
-async fn bad_issue_requests_get_problems_and_write_nothing() {
-    let env = Env::with_toml("[tokens]\nmax_ttl_seconds = 3600").await;
+async fn bad_issue_requests_get_problems_and_write_nothing(env: Env) {
     let svc = env.service().await;
     let before = env.counts().await;
     let big = format!(r#"{{"subject":"{}","audience":"a"}}"#, "x".repeat(1024 * 1024));
@@ -132,3 +130,8 @@ async fn bad_issue_requests_get_problems_and_write_nothing() {
     let after = env.counts().await;
     assert_eq!((after.0 - before.0, after.2 - before.2), (1, 1));
 }
+
+on_both_backends!(
+    bad_issue_requests_get_problems_and_write_nothing,
+    "[tokens]\nmax_ttl_seconds = 3600"
+);

@@ -61,9 +61,7 @@ fn openssl_verify(token: &str, set: &JwkSet, dir: &std::path::Path) -> bool {
     out.status.success() && String::from_utf8_lossy(&out.stdout).contains("Verified OK")
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn token_from_http_verifies_with_jwks_only_and_independent_implementations() {
-    let env = Env::new().await;
+async fn token_from_http_verifies_with_jwks_only_and_independent_implementations(env: Env) {
     let (base, _svc) = env.serve().await;
     let body = json!({"subject": "node-7", "audience": "fleet", "ttl_seconds": 600, "scopes": ["provision", "read:cfg"], "one_time": true});
     let out = issue(&base, &env.admin, body).await;
@@ -179,9 +177,9 @@ async fn token_from_http_verifies_with_jwks_only_and_independent_implementations
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn kid_is_the_rfc7638_thumbprint_and_jwks_is_cacheable() {
-    let env = Env::new().await;
+on_both_backends!(token_from_http_verifies_with_jwks_only_and_independent_implementations);
+
+async fn kid_is_the_rfc7638_thumbprint_and_jwks_is_cacheable(env: Env) {
     let svc = env.service().await;
     let res = svc
         .router
@@ -211,6 +209,8 @@ async fn kid_is_the_rfc7638_thumbprint_and_jwks_is_cacheable() {
     assert_eq!(key["kid"].as_str().unwrap(), env.kid);
 }
 
+on_both_backends!(kid_is_the_rfc7638_thumbprint_and_jwks_is_cacheable);
+
 async fn call(router: &axum::Router, req: Request<Body>) -> (StatusCode, axum::http::HeaderMap, Value) {
     let res = router.clone().oneshot(req).await.unwrap();
     let (status, headers) = (res.status(), res.headers().clone());
@@ -222,9 +222,7 @@ async fn call(router: &axum::Router, req: Request<Body>) -> (StatusCode, axum::h
     )
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn public_endpoints_and_conventions() {
-    let env = Env::new().await;
+async fn public_endpoints_and_conventions(env: Env) {
     let svc = env.service().await;
     let r = &svc.router;
     let (s, _, conf) = call(
@@ -301,9 +299,9 @@ async fn public_endpoints_and_conventions() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn introspection_follows_rfc7662() {
-    let env = Env::new().await;
+on_both_backends!(public_endpoints_and_conventions);
+
+async fn introspection_follows_rfc7662(env: Env) {
     let (base, _svc) = env.serve().await;
     let out = issue(
         &base,
@@ -344,9 +342,9 @@ async fn introspection_follows_rfc7662() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn concurrent_issuance_gives_unique_verifiable_recorded_tokens() {
-    let env = Env::new().await;
+on_both_backends!(introspection_follows_rfc7662);
+
+async fn concurrent_issuance_gives_unique_verifiable_recorded_tokens(env: Env) {
     let (base, _svc) = env.serve().await;
     let before = env.counts().await;
     let mut tasks = Vec::new();
@@ -378,3 +376,5 @@ async fn concurrent_issuance_gives_unique_verifiable_recorded_tokens() {
             .all(|e| jtis.contains(&e.record.target))
     );
 }
+
+on_both_backends!(concurrent_issuance_gives_unique_verifiable_recorded_tokens);

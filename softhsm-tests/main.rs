@@ -2,6 +2,7 @@
 //! the real binary where the test is about the process (exit codes, logs, restarts).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+#[macro_use]
 mod common;
 
 mod auth;

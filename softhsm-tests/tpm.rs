@@ -338,3 +338,88 @@ async fn binary_init_and_serve_on_the_tpm_from_environment_variables() {
         "{err}"
     );
 }
+
+/// swtpm is killed while clients keep issuing, then started again on the same state: every
+/// answer is 201 or 503 (never 500, never a hang), no 503 carries a token, /readyz follows,
+/// and issuance resumes by itself with the same key.
+#[tokio::test(flavor = "multi_thread")]
+async fn issue_requests_during_a_tpm_outage() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let mut tpm = Swtpm::start();
+    let env = Env::on_tpm(&tpm.tcti()).await;
+    let (base, _svc) = env.serve().await;
+    let running = Arc::new(AtomicBool::new(true));
+    let mut clients = Vec::new();
+    for c in 0..4 {
+        let (base, admin, running) = (base.clone(), env.admin.clone(), running.clone());
+        clients.push(tokio::spawn(async move {
+            let http = reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .unwrap();
+            let mut seen = Vec::new();
+            let mut i = 0;
+            while running.load(Ordering::SeqCst) {
+                let started = Instant::now();
+                let r = http
+                    .post(format!("{base}/v1/tokens"))
+                    .bearer_auth(&admin)
+                    .json(&serde_json::json!({"subject": format!("c{c}-{i}"), "audience": "fleet"}))
+                    .send()
+                    .await
+                    .expect("a request hung or the connection broke");
+                let status = r.status().as_u16();
+                let body: serde_json::Value = r.json().await.unwrap();
+                seen.push((Instant::now(), status, started.elapsed(), body));
+                i += 1;
+            }
+            seen
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    tpm.stop();
+    let down_at = Instant::now();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let readyz_down = reqwest::get(format!("{base}/readyz")).await.unwrap().status();
+    tpm.restart();
+    let up_at = Instant::now();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    running.store(false, Ordering::SeqCst);
+    let mut all = Vec::new();
+    for c in clients {
+        all.extend(c.await.unwrap());
+    }
+    assert_eq!(readyz_down, 503);
+    assert_eq!(
+        reqwest::get(format!("{base}/readyz")).await.unwrap().status(),
+        200
+    );
+    let mut unavailable = 0;
+    for (_, status, took, body) in &all {
+        assert!(*status == 201 || *status == 503, "status {status}: {body}");
+        assert!(*took < Duration::from_secs(3), "a request took {took:?}");
+        if *status == 503 {
+            unavailable += 1;
+            assert!(
+                body.get("token").is_none() && body["type"] == "urn:keygate:problem:unavailable",
+                "{body}"
+            );
+        } else {
+            assert_eq!(body["kid"], env.kid.as_str());
+        }
+    }
+    assert!(unavailable > 0, "no request met the outage");
+    let before = all
+        .iter()
+        .filter(|(at, s, _, _)| *at < down_at && *s == 201)
+        .count();
+    let after = all
+        .iter()
+        .filter(|(at, s, _, _)| *at > up_at && *s == 201)
+        .count();
+    assert!(
+        before > 0 && after > 0,
+        "issued before the outage: {before}, after: {after}"
+    );
+}

@@ -3,6 +3,29 @@
 
 pub mod swtpm;
 
+/// Turns `async fn name(env: Env)` into two tests, `name::pkcs11` on a fresh SoftHSM2 token
+/// and `name::tpm` on a fresh swtpm, with optional extra top-level TOML for both.
+macro_rules! on_both_backends {
+    ($test:ident) => {
+        on_both_backends!($test, "");
+    };
+    ($test:ident, $extra:expr) => {
+        mod $test {
+            #[tokio::test(flavor = "multi_thread")]
+            async fn pkcs11() {
+                super::$test(crate::common::Env::with_toml($extra).await).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread")]
+            async fn tpm() {
+                let tpm = crate::common::swtpm::Swtpm::start();
+                super::$test(crate::common::Env::on_tpm_with(&tpm.tcti(), $extra).await).await;
+                drop(tpm);
+            }
+        }
+    };
+}
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -119,10 +142,15 @@ impl Env {
 
     /// keygate initialised on a TPM (`backend = "tpm"`) reached through `tcti`.
     pub async fn on_tpm(tcti: &str) -> Env {
+        Env::on_tpm_with(tcti, "").await
+    }
+
+    /// Like [`Env::on_tpm`], with extra top-level TOML.
+    pub async fn on_tpm_with(tcti: &str, extra: &str) -> Env {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let text = format!(
-            "data_dir = \"{data}\"\nlisten = \"127.0.0.1:{port}\"\nbackend = \"tpm\"\n[tpm]\ntcti = \"{tcti}\"\ntimeout_ms = 1000\n",
+            "data_dir = \"{data}\"\nlisten = \"127.0.0.1:{port}\"\nbackend = \"tpm\"\n{extra}\n[tpm]\ntcti = \"{tcti}\"\ntimeout_ms = 2000\n",
             data = dir.path().display(),
         );
         let config_path = dir.path().join("keygate.toml");
