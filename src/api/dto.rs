@@ -145,3 +145,43 @@ pub struct Configuration {
 pub struct Status {
     pub status: String,
 }
+
+/// GET /v1/audit query.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct AuditQuery {
+    /// Entries with a greater `seq` (default 0: from the start).
+    pub after: Option<i64>,
+    /// At most this many (default 100, at most 1000).
+    pub limit: Option<i64>,
+}
+
+/// One audit entry. `hash` = hex SHA-256(prev_hash || "\n" || canonical JSON), docs/adr/0004.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct AuditEntryView {
+    pub seq: i64,
+    /// RFC 3339 UTC (the chain hashes the same instant as Unix seconds).
+    pub at: String,
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    pub outcome: String,
+    pub remote_addr: String,
+    pub prev_hash: String,
+    pub hash: String,
+}
+
+/// A signed checkpoint of the chain (not made yet: the list is empty).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct CheckpointView {
+    pub seq: i64,
+    pub hash: String,
+    pub kid: String,
+    pub signature: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct AuditPage {
+    pub entries: Vec<AuditEntryView>,
+    pub checkpoints: Vec<CheckpointView>,
+}

@@ -78,21 +78,50 @@ pub fn chain_hash(prev_hash: &str, seq: i64, at: i64, r: &AuditRecord) -> String
     hex::encode(ctx.finish())
 }
 
+/// The first entry that does not follow its predecessor, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Broken {
+    pub seq: i64,
+    pub reason: &'static str,
+}
+
+impl std::fmt::Display for Broken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "entry {}: {}", self.seq, self.reason)
+    }
+}
+
 /// Checks a run of entries that starts at the beginning of the log (or after `prev`), and
-/// returns the seq of the first entry that does not follow.
-pub fn first_broken(entries: &[AuditEntry], prev: Option<(i64, &str)>) -> Option<i64> {
+/// names the first entry that does not follow: a gap or repeat in `seq` (a row deleted or
+/// moved), a `prev_hash` that is not the previous entry's hash (a row deleted, moved or
+/// rewritten before it), or a `hash` that does not match the entry's content (the row itself
+/// was edited).
+pub fn verify_chain(entries: &[AuditEntry], prev: Option<(i64, &str)>) -> Result<(), Broken> {
     let (mut last_seq, mut last_hash) = prev
         .map(|(s, h)| (s, h.to_owned()))
         .unwrap_or((0, GENESIS.to_owned()));
     for e in entries {
-        let expected = chain_hash(&last_hash, e.seq, e.at, &e.record);
-        if e.seq != last_seq + 1 || e.prev_hash != last_hash || e.hash != expected {
-            return Some(e.seq);
+        let broken = |reason| Err(Broken { seq: e.seq, reason });
+        if e.seq != last_seq + 1 {
+            return broken(
+                "sequence number does not follow the previous entry (an entry is missing or out of place)",
+            );
+        }
+        if e.prev_hash != last_hash {
+            return broken("prev_hash is not the previous entry's hash (the chain was cut or reordered)");
+        }
+        if e.hash != chain_hash(&last_hash, e.seq, e.at, &e.record) {
+            return broken("hash does not match the entry's content (the entry was altered)");
         }
         last_seq = e.seq;
         last_hash = e.hash.clone();
     }
-    None
+    Ok(())
+}
+
+/// The seq of the first entry that does not follow ([`verify_chain`]).
+pub fn first_broken(entries: &[AuditEntry], prev: Option<(i64, &str)>) -> Option<i64> {
+    verify_chain(entries, prev).err().map(|b| b.seq)
 }
 
 #[cfg(test)]

@@ -146,6 +146,20 @@ impl Authority {
         Ok(self.store.signing_keys().await?)
     }
 
+    /// Audit entries after `after`, oldest first, at most `limit` (1 to 1000).
+    pub async fn audit_page(
+        &self,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<crate::audit::AuditEntry>, AuthorityError> {
+        if !(1..=1000).contains(&limit) || after < 0 {
+            return Err(AuthorityError::BadRequest(
+                "limit must be 1 to 1000 and after not negative".into(),
+            ));
+        }
+        Ok(self.store.audit_entries(after, limit).await?)
+    }
+
     /// The readiness probe of the store.
     pub async fn probe_store(&self) -> Result<(), AuthorityError> {
         Ok(self.store.ping().await?)

@@ -1,5 +1,6 @@
 //! Command line (clap). `anyhow` lives here and in `main.rs` only.
 
+mod audit;
 mod bench;
 mod client;
 mod init;
@@ -43,6 +44,9 @@ pub enum Command {
     /// Signing keys (through the HTTP API).
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// The audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Verify a provisioning token offline with a JWKS (exit 0, or 1 with a one-line reason).
     Verify(verify::VerifyArgs),
     /// Measure raw backend sign rate, end-to-end issuance and offline verification.
@@ -64,6 +68,12 @@ pub struct ClientArgs {
 pub enum TokenCommand {
     /// Issue a provisioning token (scope tokens:issue); prints the token.
     Issue(client::IssueArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Check the hash chain of the configured store offline; exit 1 naming the first bad entry.
+    Verify,
 }
 
 #[derive(Debug, Subcommand)]
@@ -91,5 +101,6 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
         Command::Keys(KeysCommand::List { client, json }) => client::list_keys(client, json).await,
         Command::Verify(args) => verify::run(args, &config).await,
         Command::Bench(args) => bench::run(args, config).await,
+        Command::Audit(AuditCommand::Verify) => audit::verify(&config).await,
     }
 }

@@ -1,0 +1,185 @@
+//! The audit log: GET /v1/audit, and `keygate audit verify` naming the first bad entry after
+//! rows are edited, deleted or reordered directly in the SQLite file.
+
+use serde_json::{Value, json};
+
+use crate::common::{Env, get_authed, issue};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn audit_endpoint_pages_links_and_needs_its_scope() {
+    let env = Env::new().await;
+    let (base, _svc) = env.serve().await;
+    for i in 0..4 {
+        issue(
+            &base,
+            &env.admin,
+            json!({"subject": format!("n{i}"), "audience": "a"}),
+        )
+        .await;
+    }
+    assert_eq!(get_authed(&base, "/v1/keys", "kg_nope").await.status(), 401); // audited refusal
+    let first: Value = get_authed(&base, "/v1/audit?limit=3", &env.admin)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let rest: Value = get_authed(&base, "/v1/audit?after=3&limit=1000", &env.admin)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(first["entries"].as_array().unwrap().len(), 3);
+    assert_eq!(first["checkpoints"], json!([]));
+    let all: Vec<&Value> = first["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(rest["entries"].as_array().unwrap())
+        .collect();
+    assert!(all.len() >= 7, "{} entries", all.len());
+    for (i, e) in all.iter().enumerate() {
+        assert_eq!(e["seq"], i as i64 + 1);
+        let prev = if i == 0 {
+            keygate::audit::GENESIS
+        } else {
+            all[i - 1]["hash"].as_str().unwrap()
+        };
+        assert_eq!(e["prev_hash"], prev);
+        assert!(e["at"].as_str().unwrap().ends_with('Z'));
+    }
+    assert!(
+        all.iter()
+            .any(|e| e["action"] == "token.issue" && e["actor"].as_str().unwrap().starts_with("at_"))
+    );
+    assert!(
+        all.iter()
+            .any(|e| e["action"] == "auth" && e["outcome"] == "denied: invalid token")
+    );
+    assert!(
+        !serde_json::to_string(&all).unwrap().contains("kg_"),
+        "no secret in the audit log"
+    );
+    for bad in [
+        "/v1/audit?limit=0",
+        "/v1/audit?limit=1001",
+        "/v1/audit?after=-1",
+        "/v1/audit?bogus=1",
+        "/v1/audit?limit=x",
+    ] {
+        assert_eq!(get_authed(&base, bad, &env.admin).await.status(), 400, "{bad}");
+    }
+    let reader: Value = reqwest::Client::new()
+        .post(format!("{base}/v1/api-tokens"))
+        .bearer_auth(&env.admin)
+        .json(&json!({"name": "r", "scopes": ["keys:read"]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        get_authed(&base, "/v1/audit", reader["token"].as_str().unwrap())
+            .await
+            .status(),
+        403
+    );
+}
+
+/// Copies the database (and its WAL) to a fresh folder, applies `sql`, runs
+/// `keygate audit verify` there; returns (success, stdout + stderr).
+async fn verify_after(env: &Env, name: &str, sql: &str) -> (bool, String) {
+    let dir = env.dir.path().join(format!("case-{name}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["keygate.db", "keygate.db-wal"] {
+        let from = env.dir.path().join(f);
+        if from.exists() {
+            std::fs::copy(&from, dir.join(f)).unwrap();
+        }
+    }
+    if !sql.is_empty() {
+        let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", dir.join("keygate.db").display()))
+            .await
+            .unwrap();
+        sqlx::raw_sql(sql).execute(&pool).await.unwrap();
+        pool.close().await;
+    }
+    let conf = dir.join("keygate.toml");
+    std::fs::write(&conf, format!("data_dir = \"{}\"\n", dir.display())).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .args(["audit", "verify"])
+        .env("KEYGATE_CONFIG", &conf)
+        .env_remove("KEYGATE_DATA_DIR")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn audit_verify_names_the_first_bad_entry() {
+    let env = Env::new().await;
+    {
+        let (base, _svc) = env.serve().await;
+        for i in 0..6 {
+            issue(
+                &base,
+                &env.admin,
+                json!({"subject": format!("n{i}"), "audience": "a"}),
+            )
+            .await;
+        }
+    }
+    let (ok, out) = verify_after(&env, "clean", "").await;
+    assert!(ok && out.contains("audit log verified: 8 entries"), "{out}");
+
+    // A row rewritten with a consistent hash of its own still breaks the next link.
+    let e3 = {
+        let pool = sqlx::SqlitePool::connect(&format!(
+            "sqlite://{}",
+            env.dir.path().join("keygate.db").display()
+        ))
+        .await
+        .unwrap();
+        let row: (i64, i64, String, String, String, String, String, String) = sqlx::query_as(
+            "SELECT seq, at, actor, action, target, outcome, remote_addr, prev_hash FROM audit_log WHERE seq = 3",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+        let rec = keygate::audit::AuditRecord::new(&row.2, &row.3, &row.4, "denied", &row.6);
+        keygate::audit::chain_hash(&row.7, row.0, row.1, &rec)
+    };
+    let cases = [
+        ("edit", "UPDATE audit_log SET outcome = 'denied' WHERE seq = 3".to_owned(), "entry 3: hash does not match"),
+        (
+            "rehash",
+            format!("UPDATE audit_log SET outcome = 'denied', hash = '{e3}' WHERE seq = 3"),
+            "entry 4: prev_hash is not the previous entry's hash",
+        ),
+        ("delete", "DELETE FROM audit_log WHERE seq = 4".to_owned(), "entry 5: sequence number does not follow"),
+        (
+            "reorder",
+            "UPDATE audit_log SET seq = -6 WHERE seq = 6; UPDATE audit_log SET seq = 6 WHERE seq = 5; UPDATE audit_log SET seq = 5 WHERE seq = -6;"
+                .to_owned(),
+            "entry 5: prev_hash is not the previous entry's hash",
+        ),
+        ("first", "UPDATE audit_log SET actor = 'someone' WHERE seq = 1".to_owned(), "entry 1: hash does not match"),
+    ];
+    for (name, sql, expect) in cases {
+        let (ok, out) = verify_after(&env, name, &sql).await;
+        assert!(!ok, "{name}: tampering not detected: {out}");
+        assert_eq!(out.trim().lines().count(), 1, "{name}: {out}");
+        assert!(
+            out.contains(&format!("keygate: error: audit log broken at {expect}")),
+            "{name}: {out}"
+        );
+    }
+}
