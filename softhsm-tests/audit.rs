@@ -89,6 +89,10 @@ async fn audit_endpoint_pages_links_and_needs_its_scope() {
 /// Copies the database (and its WAL) to a fresh folder, applies `sql`, runs
 /// `keygate audit verify` there; returns (success, stdout + stderr).
 async fn verify_after(env: &Env, name: &str, sql: &str) -> (bool, String) {
+    verify_after_with(env, name, sql, &[]).await
+}
+
+async fn verify_after_with(env: &Env, name: &str, sql: &str, args: &[&str]) -> (bool, String) {
     let dir = env.dir.path().join(format!("case-{name}"));
     std::fs::create_dir_all(&dir).unwrap();
     for f in ["keygate.db", "keygate.db-wal"] {
@@ -108,6 +112,7 @@ async fn verify_after(env: &Env, name: &str, sql: &str) -> (bool, String) {
     std::fs::write(&conf, format!("data_dir = \"{}\"\n", dir.display())).unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
         .args(["audit", "verify"])
+        .args(args)
         .env("KEYGATE_CONFIG", &conf)
         .env_remove("KEYGATE_DATA_DIR")
         .output()
@@ -137,7 +142,10 @@ async fn audit_verify_names_the_first_bad_entry() {
         }
     }
     let (ok, out) = verify_after(&env, "clean", "").await;
-    assert!(ok && out.contains("audit log verified: 8 entries"), "{out}");
+    assert!(
+        ok && out.contains("audit log verified: 8 entries, no signed checkpoint"),
+        "{out}"
+    );
 
     // A row rewritten with a consistent hash of its own still breaks the next link.
     let e3 = {
@@ -182,4 +190,124 @@ async fn audit_verify_names_the_first_bad_entry() {
             "{name}: {out}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn signed_checkpoints_catch_truncation_rewrites_and_forgeries() {
+    use crate::common::Server;
+    let env = Env::new().await;
+    let log = env.dir.path().join("serve.log");
+    let server = Server::start(&env, &log, &[]).await;
+    let base = env.base_url();
+    for i in 0..5 {
+        issue(
+            &base,
+            &env.admin,
+            json!({"subject": format!("n{i}"), "audience": "a"}),
+        )
+        .await;
+    }
+    let jwks_file = env.dir.path().join("jwks.json");
+    std::fs::write(
+        &jwks_file,
+        reqwest::get(format!("{base}/.well-known/jwks.json"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    server.stop(); // SIGTERM: graceful shutdown signs a checkpoint of the head (entry 7)
+
+    let server = Server::start(&env, &log, &[]).await;
+    let page: Value = get_authed(&base, "/v1/audit?limit=1000", &env.admin)
+        .await
+        .json()
+        .await
+        .unwrap();
+    server.stop();
+    let cps = page["checkpoints"].as_array().unwrap();
+    assert_eq!(cps.len(), 1, "{page}");
+    assert_eq!(
+        (cps[0]["seq"].as_i64(), cps[0]["kid"].as_str()),
+        (Some(7), Some(env.kid.as_str()))
+    );
+    assert_eq!(cps[0]["hash"], page["entries"][6]["hash"]);
+
+    let jwks = jwks_file.to_str().unwrap();
+    let (ok, out) = verify_after_with(&env, "cp-clean", "", &["--jwks", jwks]).await;
+    assert!(
+        ok && out.contains("7 entries, 1 signed checkpoints, the newest at entry 7"),
+        "{out}"
+    );
+    // a JWKS without the signing key: the checkpoint cannot be trusted
+    let other =
+        keygate::token::Jwk::from_public_key(&p256::SecretKey::from_slice(&[9u8; 32]).unwrap().public_key());
+    let other_file = env.dir.path().join("other.json");
+    std::fs::write(
+        &other_file,
+        serde_json::to_string(&keygate::token::JwkSet { keys: vec![other] }).unwrap(),
+    )
+    .unwrap();
+    let (ok, out) = verify_after_with(&env, "cp-other", "", &["--jwks", other_file.to_str().unwrap()]).await;
+    assert!(
+        !ok && out.contains("checkpoint at entry 7 does not verify: unknown kid"),
+        "{out}"
+    );
+
+    // the newest entries removed: the chain alone cannot see it, the checkpoint can
+    let (ok, out) = verify_after(&env, "cp-truncate", "DELETE FROM audit_log WHERE seq >= 6").await;
+    assert!(
+        !ok && out.contains("ends at entry 5 but a signed checkpoint covers entry 7"),
+        "{out}"
+    );
+
+    // entry 3 edited and every later hash recomputed: a consistent chain, but not the signed one
+    let pool = sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}",
+        env.dir.path().join("keygate.db").display()
+    ))
+    .await
+    .unwrap();
+    let rows: Vec<(i64, i64, String, String, String, String, String)> = sqlx::query_as(
+        "SELECT seq, at, actor, action, target, outcome, remote_addr FROM audit_log ORDER BY seq",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let prev2: (String,) = sqlx::query_as("SELECT hash FROM audit_log WHERE seq = 2")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    let mut prev = prev2.0;
+    let mut sql = String::new();
+    for (seq, at, actor, action, target, outcome, remote) in rows.into_iter().filter(|r| r.0 >= 3) {
+        let outcome = if seq == 3 { "denied".to_owned() } else { outcome };
+        let rec = keygate::audit::AuditRecord::new(&actor, &action, &target, &outcome, &remote);
+        let hash = keygate::audit::chain_hash(&prev, seq, at, &rec);
+        sql.push_str(&format!(
+            "UPDATE audit_log SET outcome = '{outcome}', prev_hash = '{prev}', hash = '{hash}' WHERE seq = {seq};"
+        ));
+        prev = hash;
+    }
+    let (ok, out) = verify_after(&env, "cp-rewrite", &sql).await;
+    assert!(
+        !ok && out.contains("entry 7: it does not match the signed checkpoint"),
+        "{out}"
+    );
+
+    // a forged checkpoint signature
+    let zero = keygate::token::b64::encode([0u8; 64]);
+    let (ok, out) = verify_after(
+        &env,
+        "cp-forge",
+        &format!("UPDATE audit_checkpoints SET signature = '{zero}'"),
+    )
+    .await;
+    assert!(
+        !ok && out.contains("checkpoint at entry 7 does not verify: bad signature"),
+        "{out}"
+    );
 }

@@ -72,6 +72,20 @@ pub struct Config {
     pub api_tokens: ApiTokenPolicy,
     #[serde(default)]
     pub ca: CaConfig,
+    #[serde(default)]
+    pub audit: AuditConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Sign a checkpoint of the audit chain this often when it has grown (and at shutdown).
+    #[serde(default = "default_checkpoint_every")]
+    pub checkpoint_every_seconds: u64,
+}
+
+fn default_checkpoint_every() -> u64 {
+    300
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -175,7 +189,7 @@ macro_rules! default_from_serde {
         }
     )*};
 }
-default_from_serde!(StoreConfig, TokenPolicy, ApiTokenPolicy, CaConfig);
+default_from_serde!(StoreConfig, TokenPolicy, ApiTokenPolicy, CaConfig, AuditConfig);
 
 impl Default for Config {
     fn default() -> Self {

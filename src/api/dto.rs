@@ -171,7 +171,8 @@ pub struct AuditEntryView {
     pub hash: String,
 }
 
-/// A signed checkpoint of the chain (not made yet: the list is empty).
+/// A signed checkpoint: entry `seq` has `hash`. `signature` is base64url raw r||s (ES256),
+/// made inside the hardware by `kid`, over "keygate-audit-checkpoint\n<seq>\n<hash>".
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct CheckpointView {
     pub seq: i64,

@@ -211,10 +211,11 @@ pub async fn audit(
     authorize(&st, &headers, &remote, Scope::AuditRead).await?;
     let axum::extract::Query(q) =
         query.map_err(|e| ApiError::BadRequest(format!("query: {}", e.body_text())))?;
-    let entries = st
-        .authority
-        .audit_page(q.after.unwrap_or(0), q.limit.unwrap_or(100))
-        .await?;
+    let after = q.after.unwrap_or(0);
+    let entries = st.authority.audit_page(after, q.limit.unwrap_or(100)).await?;
+    // the checkpoints that cover this page
+    let upto = entries.last().map(|e| e.seq).unwrap_or(after);
+    let checkpoints = st.authority.audit_checkpoints(after, upto).await?;
     Ok(Json(AuditPage {
         entries: entries
             .into_iter()
@@ -230,6 +231,14 @@ pub async fn audit(
                 hash: e.hash,
             })
             .collect(),
-        checkpoints: Vec::new(),
+        checkpoints: checkpoints
+            .into_iter()
+            .map(|c| CheckpointView {
+                seq: c.seq,
+                hash: c.hash,
+                kid: c.kid,
+                signature: c.signature,
+            })
+            .collect(),
     }))
 }

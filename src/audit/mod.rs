@@ -78,6 +78,22 @@ pub fn chain_hash(prev_hash: &str, seq: i64, at: i64, r: &AuditRecord) -> String
     hex::encode(ctx.finish())
 }
 
+/// A signed statement that the chain's entry `seq` has hash `hash`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub seq: i64,
+    pub hash: String,
+    /// The signing key (RFC 7638 thumbprint, as in the JWKS).
+    pub kid: String,
+    /// base64url raw `r || s` (ES256) over [`checkpoint_message`].
+    pub signature: String,
+}
+
+/// The bytes a checkpoint signs.
+pub fn checkpoint_message(seq: i64, hash: &str) -> Vec<u8> {
+    format!("keygate-audit-checkpoint\n{seq}\n{hash}").into_bytes()
+}
+
 /// The first entry that does not follow its predecessor, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Broken {

@@ -160,6 +160,39 @@ impl Authority {
         Ok(self.store.audit_entries(after, limit).await?)
     }
 
+    /// Signs the current chain head inside the hardware and records it, unless the newest
+    /// checkpoint already covers it. Returns the checkpoint made, if any.
+    pub async fn checkpoint_audit(&self) -> Result<Option<crate::audit::Checkpoint>, AuthorityError> {
+        let Some((seq, hash)) = self.store.audit_head().await? else {
+            return Ok(None);
+        };
+        if !self.store.checkpoints(seq - 1, seq).await?.is_empty() {
+            return Ok(None);
+        }
+        let ring = self.key_ring();
+        let signer = ring.active.signer.clone();
+        let msg = crate::audit::checkpoint_message(seq, &hash);
+        let sig = self.sign_blocking(move || signer.sign_raw(&msg)).await??;
+        let c = crate::audit::Checkpoint {
+            seq,
+            hash,
+            kid: ring.active.kid.clone(),
+            signature: crate::token::b64::encode(sig),
+        };
+        self.store.add_checkpoint(&c).await?;
+        tracing::info!(seq, kid = %c.kid, "signed audit checkpoint");
+        Ok(Some(c))
+    }
+
+    /// Checkpoints with `seq` in `(after, upto]`.
+    pub async fn audit_checkpoints(
+        &self,
+        after: i64,
+        upto: i64,
+    ) -> Result<Vec<crate::audit::Checkpoint>, AuthorityError> {
+        Ok(self.store.checkpoints(after, upto).await?)
+    }
+
     /// The readiness probe of the store.
     pub async fn probe_store(&self) -> Result<(), AuthorityError> {
         Ok(self.store.ping().await?)

@@ -1,13 +1,25 @@
-//! `keygate audit verify`: checks the audit hash chain of the configured store offline.
+//! `keygate audit verify`: checks the audit hash chain and its signed checkpoints offline.
 
 use anyhow::bail;
+use clap::Args;
 
-use crate::audit::verify_chain;
+use crate::audit::{checkpoint_message, verify_chain};
 use crate::config::Config;
 use crate::store::Store;
+use crate::token::{Jwk, JwkSet, Verifier, VerifierConfig, b64};
 
-/// Reads every entry, page by page, and checks the chain; names the first bad entry.
-pub async fn verify(config: &Config) -> anyhow::Result<()> {
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Check checkpoint signatures against this JWKS (URL or file). Without it, the keys
+    /// recorded in the same database are used, which an attacker who can rewrite the
+    /// database could replace too.
+    #[arg(long)]
+    pub jwks: Option<String>,
+}
+
+/// Reads every entry page by page and checks the chain, then every checkpoint: its entry
+/// has its hash, its signature is good, and the log still reaches it.
+pub async fn verify(args: VerifyArgs, config: &Config) -> anyhow::Result<()> {
     let url = config.store_url();
     if let Some(path) = url.strip_prefix("sqlite://") {
         if !std::path::Path::new(path).exists() {
@@ -15,24 +27,86 @@ pub async fn verify(config: &Config) -> anyhow::Result<()> {
         }
     }
     let store = Store::open(&url, true).await?;
+    let result = check(&store, args).await;
+    store.close().await;
+    let (entries, checkpoints, newest) = result?;
+    match newest {
+        Some(cp) => println!(
+            "audit log verified: {entries} entries, {checkpoints} signed checkpoints, the newest at entry {cp}{}",
+            if cp < entries {
+                " (later entries are covered by the chain only)"
+            } else {
+                ""
+            }
+        ),
+        None => println!(
+            "audit log verified: {entries} entries, no signed checkpoint yet (removing the newest entries would go unnoticed)"
+        ),
+    }
+    Ok(())
+}
+
+async fn check(store: &Store, args: VerifyArgs) -> anyhow::Result<(i64, usize, Option<i64>)> {
+    let jwks = match &args.jwks {
+        Some(loc) => super::verify::load_jwks(loc).await?,
+        None => {
+            let keys = store.signing_keys().await?;
+            let keys = keys
+                .iter()
+                .filter_map(|k| serde_json::from_str::<Jwk>(&k.jwk).ok())
+                .collect();
+            JwkSet { keys }
+        }
+    };
+    let checkpoints = store.checkpoints(0, i64::MAX).await?;
+    let verifier = if checkpoints.is_empty() {
+        None
+    } else {
+        Some(Verifier::new(&jwks, VerifierConfig::new("", ""))?)
+    };
     let (mut after, mut head) = (0i64, None::<(i64, String)>);
+    let mut next_cp = checkpoints.iter().peekable();
     loop {
         let page = store.audit_entries(after, 1000).await?;
         let Some(last) = page.last() else { break };
-        let (seq, hash) = (last.seq, last.hash.clone());
         if let Err(broken) = verify_chain(&page, head.as_ref().map(|(s, h)| (*s, h.as_str()))) {
-            store.close().await;
             bail!("audit log broken at {broken}");
         }
-        after = seq;
-        head = Some((seq, hash));
+        for e in &page {
+            while let Some(cp) = next_cp.next_if(|cp| cp.seq <= e.seq) {
+                if cp.seq != e.seq || cp.hash != e.hash {
+                    bail!(
+                        "audit log broken at entry {}: it does not match the signed checkpoint there",
+                        cp.seq
+                    );
+                }
+            }
+        }
+        after = last.seq;
+        head = Some((last.seq, last.hash.clone()));
     }
-    store.close().await;
-    match head {
-        Some((seq, hash)) => println!(
-            "audit log verified: {seq} entries, last hash {hash} (no signed checkpoints yet: removing the newest entries goes unnoticed)"
-        ),
-        None => println!("audit log verified: empty"),
+    let entries = head.as_ref().map(|(s, _)| *s).unwrap_or(0);
+    if let Some(cp) = next_cp.next() {
+        bail!(
+            "audit log broken: it ends at entry {entries} but a signed checkpoint covers entry {} (entries were removed)",
+            cp.seq
+        );
     }
-    Ok(())
+    if let Some(v) = &verifier {
+        for cp in &checkpoints {
+            let sig = b64::decode(&cp.signature).unwrap_or_default();
+            if let Err(e) = v.verify_detached(&cp.kid, &checkpoint_message(cp.seq, &cp.hash), &sig) {
+                bail!(
+                    "audit log broken: the checkpoint at entry {} does not verify: {e}",
+                    cp.seq
+                );
+            }
+        }
+    }
+    if args.jwks.is_none() && !checkpoints.is_empty() {
+        eprintln!(
+            "keygate: checkpoint signatures checked against the keys recorded in this database; pass --jwks for an independent trust anchor"
+        );
+    }
+    Ok((entries, checkpoints.len(), checkpoints.last().map(|c| c.seq)))
 }

@@ -72,8 +72,9 @@ pub enum TokenCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
-    /// Check the hash chain of the configured store offline; exit 1 naming the first bad entry.
-    Verify,
+    /// Check the hash chain and the signed checkpoints of the configured store offline;
+    /// exit 1 with one line naming the first bad entry.
+    Verify(audit::VerifyArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -101,6 +102,6 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
         Command::Keys(KeysCommand::List { client, json }) => client::list_keys(client, json).await,
         Command::Verify(args) => verify::run(args, &config).await,
         Command::Bench(args) => bench::run(args, config).await,
-        Command::Audit(AuditCommand::Verify) => audit::verify(&config).await,
+        Command::Audit(AuditCommand::Verify(args)) => audit::verify(args, &config).await,
     }
 }

@@ -129,12 +129,29 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     tracing::info!(listen = %config.listen, issuer = %config.issuer(), "keygate listening");
-    axum::serve(
+    // Signed audit checkpoints: on a schedule while the chain grows, and once at shutdown.
+    let authority = service.authority.clone();
+    let every = std::time::Duration::from_secs(config.audit.checkpoint_every_seconds.max(1));
+    let checkpoints = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            if let Err(e) = authority.checkpoint_audit().await {
+                tracing::warn!(error = %e, "cannot sign an audit checkpoint");
+            }
+        }
+    });
+    let served = axum::serve(
         listener,
         service.router.into_make_service_with_connect_info::<SocketAddr>(),
     )
     .with_graceful_shutdown(shutdown_signal())
-    .await
-    .context("server failed")?;
+    .await;
+    checkpoints.abort();
+    if let Err(e) = service.authority.checkpoint_audit().await {
+        tracing::error!(error = %e, "cannot sign the audit checkpoint at shutdown");
+    }
+    served.context("server failed")?;
     Ok(())
 }

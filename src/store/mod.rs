@@ -173,6 +173,54 @@ impl Store {
         rows.iter().map(rows::audit_from_row).collect()
     }
 
+    /// Records a signed checkpoint (idempotent for the same seq).
+    pub async fn add_checkpoint(&self, c: &crate::audit::Checkpoint) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT OR IGNORE INTO audit_checkpoints (seq, hash, kid, signature, at) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(c.seq)
+        .bind(&c.hash)
+        .bind(&c.kid)
+        .bind(&c.signature)
+        .bind(crate::token::verify::now())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Checkpoints with `seq` in `(after, upto]`, oldest first.
+    pub async fn checkpoints(
+        &self,
+        after: i64,
+        upto: i64,
+    ) -> Result<Vec<crate::audit::Checkpoint>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT seq, hash, kid, signature FROM audit_checkpoints WHERE seq > ? AND seq <= ? ORDER BY seq",
+        )
+        .bind(after)
+        .bind(upto)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(crate::audit::Checkpoint {
+                    seq: r.try_get("seq")?,
+                    hash: r.try_get("hash")?,
+                    kid: r.try_get("kid")?,
+                    signature: r.try_get("signature")?,
+                })
+            })
+            .collect()
+    }
+
+    /// (seq, hash) of the newest audit entry, if any.
+    pub async fn audit_head(&self) -> Result<Option<(i64, String)>, StoreError> {
+        let row = sqlx::query("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).transpose()
+    }
+
     /// Row counts of (issued_tokens, api_tokens, audit_log).
     pub async fn counts(&self) -> Result<(i64, i64, i64), StoreError> {
         let r = sqlx::query(

@@ -123,6 +123,16 @@ impl Verifier {
         Ok(claims)
     }
 
+    /// Checks a detached ES256 signature (raw `r || s`) over `msg` by the key `kid` of the set.
+    pub fn verify_detached(&self, kid: &str, msg: &[u8], signature: &[u8]) -> Result<(), VerifyError> {
+        let key = self
+            .keys
+            .get(kid)
+            .ok_or_else(|| VerifyError::UnknownKid(kid.into()))?;
+        key.verify_sig(msg, signature)
+            .map_err(|_| VerifyError::BadSignature)
+    }
+
     /// Checks the header and the ES256 signature of any keygate JWS of type `typ`, then
     /// deserializes its payload. Claims are not checked.
     pub fn verify_signed<T: serde::de::DeserializeOwned>(
