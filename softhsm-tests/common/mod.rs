@@ -222,11 +222,21 @@ impl Env {
 
 /// A loopback port nobody listens on right now.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    free_ports(1)
+}
+
+/// The first of `n` consecutive free loopback ports, chosen below the kernel's ephemeral
+/// range (32768 and up on Linux): a server restarted on the same port must not find it
+/// taken by some client connection's local port in the meantime.
+pub fn free_ports(n: u16) -> u16 {
+    loop {
+        let mut r = [0u8; 2];
+        getrandom::fill(&mut r).unwrap();
+        let p = 20_000 + u16::from_le_bytes(r) % 12_000;
+        if (0..n).all(|i| std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok()) {
+            return p;
+        }
+    }
 }
 
 /// A `keygate serve` child process; killed on drop.

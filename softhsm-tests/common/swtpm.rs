@@ -2,7 +2,6 @@
 //! test fails). Every state folder's name starts with `keygate-test-swtpm` so the suite can
 //! check that no simulator outlives it (softhsm-tests/run-all.sh).
 
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -15,15 +14,10 @@ pub struct Swtpm {
     pub state: TempDir,
 }
 
-/// A port P with P and P+1 both free (swtpm's server and control channels).
+/// A port P with P and P+1 both free (swtpm's server and control channels), outside the
+/// ephemeral range so that a restart finds them free again.
 fn free_port_pair() -> u16 {
-    loop {
-        let a = TcpListener::bind("127.0.0.1:0").unwrap();
-        let p = a.local_addr().unwrap().port();
-        if p < u16::MAX && TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
-            return p;
-        }
-    }
+    super::free_ports(2)
 }
 
 fn spawn(port: u16, state: &Path) -> Child {

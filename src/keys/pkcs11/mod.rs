@@ -108,8 +108,22 @@ fn context(module: &Path) -> Result<Pkcs11, KeyError> {
     Ok(ctx)
 }
 
+/// Held while slots are enumerated or a token is initialised in this process.
+static SLOTS: Mutex<()> = Mutex::new(());
+
 /// Finds the slot holding the configured token, by label and/or serial.
 fn find_slot(ctx: &Pkcs11, cfg: &Pkcs11Config) -> Result<Slot, KeyError> {
+    // SoftHSM2 answers CKR_GENERAL_ERROR for a slot whose token another thread is
+    // initialising: enumerate under the same lock as token initialisation.
+    let _guard = SLOTS
+        .lock()
+        .map_err(|_| KeyError::Config("slot lock poisoned".into()))?;
+    find_slot_locked(ctx, cfg)
+}
+
+/// [`find_slot`] for a caller that holds [`SLOTS`]. A slot whose token cannot be read is
+/// passed over.
+fn find_slot_locked(ctx: &Pkcs11, cfg: &Pkcs11Config) -> Result<Slot, KeyError> {
     if cfg.token_label.is_none() && cfg.token_serial.is_none() {
         return Err(KeyError::Config(
             "[pkcs11] needs token_label or token_serial".into(),
@@ -117,7 +131,9 @@ fn find_slot(ctx: &Pkcs11, cfg: &Pkcs11Config) -> Result<Slot, KeyError> {
     }
     let mut found = Vec::new();
     for slot in ctx.get_slots_with_token().map_err(ck_error)? {
-        let info = ctx.get_token_info(slot).map_err(ck_error)?;
+        let Ok(info) = ctx.get_token_info(slot) else {
+            continue;
+        };
         let label_ok = cfg
             .token_label
             .as_deref()

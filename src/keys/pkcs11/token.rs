@@ -5,7 +5,7 @@ use cryptoki::session::UserType;
 use cryptoki::types::AuthPin;
 
 use super::super::KeyError;
-use super::{Pkcs11Config, ck_error, context, find_slot};
+use super::{Pkcs11Config, ck_error, context, find_slot_locked};
 
 /// Initialises a token with `label` in the first free slot, unless a token with that label
 /// already exists (then nothing happens and `false` is returned). Sets the user PIN.
@@ -16,12 +16,11 @@ pub fn init_token(cfg: &Pkcs11Config, so_pin: &AuthPin, user_pin: &AuthPin) -> R
         .ok_or_else(|| KeyError::Config("token initialisation needs token_label".into()))?;
     // Tokens appear in the one free slot and a new free slot appears after: initialising two
     // at once in one process would race for it.
-    static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _guard = INIT
+    let _guard = super::SLOTS
         .lock()
         .map_err(|_| KeyError::Config("token init lock poisoned".into()))?;
     let ctx = context(&cfg.module)?;
-    match find_slot(&ctx, cfg) {
+    match find_slot_locked(&ctx, cfg) {
         Ok(_) => return Ok(false),
         Err(KeyError::TokenNotFound(_)) => {}
         Err(e) => return Err(e),
