@@ -12,4 +12,5 @@ mod cli;
 mod hsm;
 mod http;
 mod process;
+mod revocation;
 mod tpm;

@@ -186,3 +186,26 @@ pub struct AuditPage {
     pub entries: Vec<AuditEntryView>,
     pub checkpoints: Vec<CheckpointView>,
 }
+
+/// POST /v1/tokens/{jti}/revoke (the body may be empty).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeRequest {
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct RevokeResponse {
+    pub jti: String,
+    /// RFC 3339 UTC; the first revocation's time when revoked again.
+    pub revoked_at: String,
+}
+
+/// GET /v1/revocations query.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct RevocationsQuery {
+    /// Only revocations with a greater sequence number.
+    pub after: Option<i64>,
+}

@@ -96,6 +96,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/tokens/introspect", post(operator::introspect))
         .route("/v1/keys", get(operator::list_keys))
         .route("/v1/audit", get(operator::audit))
+        .route("/v1/tokens/{jti}/revoke", post(operator::revoke))
+        .route("/v1/revocations", get(operator::revocations))
         .route("/v1/api-tokens", post(operator::create_api_token).get(operator::list_api_tokens))
         .route("/v1/api-tokens/{id}", delete(operator::delete_api_token))
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })

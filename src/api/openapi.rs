@@ -31,12 +31,12 @@ impl Modify for BearerAuth {
         public::jwks, public::configuration, public::healthz, public::readyz, public::metrics, public::openapi,
         operator::issue_token, operator::introspect, operator::list_keys,
         operator::create_api_token, operator::list_api_tokens, operator::delete_api_token,
-        operator::audit,
+        operator::audit, operator::revoke, operator::revocations,
     ),
     components(schemas(
         Problem, IssueTokenRequest, IssueTokenResponse, IntrospectRequest, IntrospectResponse, KeyView,
         CreateApiTokenRequest, CreateApiTokenResponse, ApiTokenView, Configuration, Status,
-        AuditPage, AuditEntryView, CheckpointView,
+        AuditPage, AuditEntryView, CheckpointView, RevokeRequest, RevokeResponse,
     )),
     modifiers(&BearerAuth),
 )]

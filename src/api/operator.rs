@@ -242,3 +242,73 @@ pub async fn audit(
             .collect(),
     }))
 }
+
+/// Revokes a token at once (idempotent).
+#[utoipa::path(post, path = "/v1/tokens/{jti}/revoke", tag = "tokens", request_body = RevokeRequest,
+    params(("jti" = String, Path, description = "the token's jti")), security(("bearer" = ["tokens:revoke"])),
+    responses((status = 200, body = RevokeResponse), (status = 400, body = Problem), (status = 401, body = Problem),
+        (status = 403, body = Problem), (status = 404, body = Problem)))]
+pub async fn revoke(
+    State(st): State<AppState>,
+    Remote(remote): Remote,
+    headers: HeaderMap,
+    Path(jti): Path<String>,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Json<RevokeResponse>, ApiError> {
+    let who = authorize(&st, &headers, &remote, Scope::TokensRevoke).await?;
+    let body = body.map_err(|r| {
+        if r.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge
+        } else {
+            ApiError::BadRequest("the request body could not be read".into())
+        }
+    })?;
+    let reason = if body.is_empty() {
+        None
+    } else {
+        let json = headers
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                v.split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .eq_ignore_ascii_case("application/json")
+            });
+        if !json {
+            return Err(ApiError::UnsupportedMediaType(
+                "send Content-Type: application/json".into(),
+            ));
+        }
+        serde_json::from_slice::<RevokeRequest>(&body)
+            .map_err(|e| ApiError::BadRequest(format!("malformed JSON body: {e}")))?
+            .reason
+    };
+    let at = st.authority.revoke(&who, &jti, reason, &remote).await?;
+    Ok(Json(RevokeResponse {
+        jti,
+        revoked_at: rfc3339(at),
+    }))
+}
+
+/// The signed list of revoked, unexpired tokens (`application/jwt`).
+#[utoipa::path(get, path = "/v1/revocations", tag = "public", params(RevocationsQuery),
+    responses((status = 200, description = "JWS, typ revocations+jwt", content_type = "application/jwt"), (status = 400, body = Problem)))]
+pub async fn revocations(
+    State(st): State<AppState>,
+    query: Result<axum::extract::Query<RevocationsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
+    let axum::extract::Query(q) =
+        query.map_err(|e| ApiError::BadRequest(format!("query: {}", e.body_text())))?;
+    let jws = st.authority.revocation_list(q.after.unwrap_or(0)).await?;
+    Ok((
+        [
+            (axum::http::header::CONTENT_TYPE, "application/jwt"),
+            (axum::http::header::CACHE_CONTROL, "no-cache"),
+        ],
+        jws,
+    )
+        .into_response())
+}

@@ -193,6 +193,87 @@ impl Authority {
         Ok(self.store.checkpoints(after, upto).await?)
     }
 
+    /// Revokes an issued token (idempotent: a second call answers the first revocation's
+    /// time). Unknown tokens are [`AuthorityError::NotFound`] and leave no audit entry.
+    pub async fn revoke(
+        &self,
+        who: &Principal,
+        jti: &str,
+        reason: Option<String>,
+        remote: &str,
+    ) -> Result<i64, AuthorityError> {
+        if let Some(r) = &reason {
+            if r.len() > 256 || r.chars().any(char::is_control) {
+                return Err(AuthorityError::BadRequest(
+                    "reason must be at most 256 printable bytes".into(),
+                ));
+            }
+        }
+        if jti.is_empty() || jti.len() > 64 {
+            return Err(AuthorityError::NotFound(format!("token {jti}")));
+        }
+        let at = now();
+        let op = crate::store::WriteOp::Revoke {
+            jti: jti.to_owned(),
+            at,
+            reason,
+        };
+        let affected = self
+            .store
+            .write(
+                vec![op],
+                crate::audit::AuditRecord::new(&who.id, "token.revoke", jti, "success", remote),
+            )
+            .await?;
+        if affected.first().copied().unwrap_or(0) == 0 {
+            let earlier = self
+                .store
+                .issued_token(jti)
+                .await?
+                .and_then(|(_, s)| s.revoked_at);
+            return earlier.ok_or_else(|| AuthorityError::NotFound(format!("token {jti}")));
+        }
+        metrics::counter!("keygate_tokens_revoked_total").increment(1);
+        Ok(at)
+    }
+
+    /// The signed revocation list: unexpired revocations with `seq > after`.
+    pub async fn revocation_list(&self, after: i64) -> Result<String, AuthorityError> {
+        if after < 0 {
+            return Err(AuthorityError::BadRequest("after must not be negative".into()));
+        }
+        let now = now();
+        let seq = self.store.revocation_seq().await?;
+        let revoked = self
+            .store
+            .revocations(after, now)
+            .await?
+            .into_iter()
+            .map(|(_, jti, exp, revoked_at)| crate::token::Revoked { jti, exp, revoked_at })
+            .collect();
+        let list = crate::token::RevocationList {
+            iss: self.settings.issuer.clone(),
+            iat: now,
+            seq,
+            revoked,
+        };
+        let payload = serde_json::to_vec(&list).map_err(|e| AuthorityError::Internal(e.to_string()))?;
+        let ring = self.key_ring();
+        let input = crate::token::jws::signing_input(
+            &crate::token::Header::es256(crate::token::TYP_REVOCATIONS, &ring.active.kid),
+            &payload,
+        )
+        .map_err(|e| AuthorityError::Internal(e.to_string()))?;
+        let signer = ring.active.signer.clone();
+        let (input, sig) = self
+            .sign_blocking(move || {
+                let sig = signer.sign_raw(input.as_bytes());
+                (input, sig)
+            })
+            .await?;
+        Ok(crate::token::jws::assemble(&input, &sig?))
+    }
+
     /// The readiness probe of the store.
     pub async fn probe_store(&self) -> Result<(), AuthorityError> {
         Ok(self.store.ping().await?)

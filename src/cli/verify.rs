@@ -23,6 +23,10 @@ pub struct VerifyArgs {
     /// Clock leeway in seconds for exp/nbf/iat (default: tokens.leeway_seconds, 5).
     #[arg(long)]
     pub leeway: Option<u64>,
+    /// Also refuse the token when this signed revocation list (URL or file, from
+    /// /v1/revocations) names it.
+    #[arg(long)]
+    pub revocations: Option<String>,
     /// The token, or `-` (the default) to read it from standard input.
     #[arg(default_value = "-")]
     pub token: String,
@@ -30,22 +34,30 @@ pub struct VerifyArgs {
 
 /// Fetches or reads a JWK Set.
 pub async fn load_jwks(location: &str) -> anyhow::Result<JwkSet> {
-    let text = if location.starts_with("http://") || location.starts_with("https://") {
-        let res = reqwest::Client::builder()
-            .timeout(std::time::Duration::from_secs(10))
-            .build()?
-            .get(location)
-            .send()
-            .await
-            .with_context(|| format!("cannot fetch JWKS {location}"))?;
-        if !res.status().is_success() {
-            anyhow::bail!("cannot fetch JWKS {location}: {}", res.status());
-        }
-        res.text().await?
-    } else {
-        std::fs::read_to_string(location).with_context(|| format!("cannot read JWKS file {location}"))?
-    };
+    let text = load_text(location, "JWKS").await?;
     serde_json::from_str(&text).with_context(|| format!("{location} is not a JWK Set"))
+}
+
+/// The body at an http(s) URL, or a file's text; `what` names it in errors.
+pub async fn load_text(location: &str, what: &str) -> anyhow::Result<String> {
+    Ok(
+        if location.starts_with("http://") || location.starts_with("https://") {
+            let res = reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(10))
+                .build()?
+                .get(location)
+                .send()
+                .await
+                .with_context(|| format!("cannot fetch {what} {location}"))?;
+            if !res.status().is_success() {
+                anyhow::bail!("cannot fetch {what} {location}: {}", res.status());
+            }
+            res.text().await?
+        } else {
+            std::fs::read_to_string(location)
+                .with_context(|| format!("cannot read {what} file {location}"))?
+        },
+    )
 }
 
 pub async fn run(a: VerifyArgs, config: &Config) -> anyhow::Result<()> {
@@ -62,9 +74,16 @@ pub async fn run(a: VerifyArgs, config: &Config) -> anyhow::Result<()> {
     let mut cfg = VerifierConfig::new(a.issuer, a.audience);
     cfg.leeway_seconds = a.leeway.unwrap_or(config.tokens.leeway_seconds);
     let verifier = Verifier::new(&jwks, cfg)?;
-    let claims = verifier
-        .verify(&token)
-        .map_err(|e| anyhow::anyhow!("invalid token: {e}"))?;
+    let claims = match &a.revocations {
+        None => verifier.verify(&token),
+        Some(loc) => {
+            let list = verifier
+                .verify_revocations(load_text(loc, "revocation list").await?.trim())
+                .map_err(|e| anyhow::anyhow!("revocation list {loc}: {e}"))?;
+            verifier.verify_not_revoked(&token, &list)
+        }
+    }
+    .map_err(|e| anyhow::anyhow!("invalid token: {e}"))?;
     println!("{}", serde_json::to_string_pretty(&claims)?);
     Ok(())
 }

@@ -173,6 +173,29 @@ impl Store {
         rows.iter().map(rows::audit_from_row).collect()
     }
 
+    /// Unexpired revocations with `seq > after` at time `now`: (seq, jti, exp, revoked_at).
+    pub async fn revocations(
+        &self,
+        after: i64,
+        now: i64,
+    ) -> Result<Vec<(i64, String, i64, i64)>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT seq, jti, exp, revoked_at FROM revocations WHERE seq > ? AND exp > ? ORDER BY seq",
+        )
+        .bind(after)
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// The newest revocation's seq (0 when there is none).
+    pub async fn revocation_seq(&self) -> Result<i64, StoreError> {
+        let r: (Option<i64>,) = sqlx::query_as("SELECT max(seq) FROM revocations")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(r.0.unwrap_or(0))
+    }
+
     /// Records a signed checkpoint (idempotent for the same seq).
     pub async fn add_checkpoint(&self, c: &crate::audit::Checkpoint) -> Result<(), StoreError> {
         sqlx::query(

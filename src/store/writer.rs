@@ -33,6 +33,13 @@ pub enum WriteOp {
     /// so a refused delete leaves no audit entry.
     DeleteApiToken(String),
     InsertSigningKey(SigningKeyRow),
+    /// Marks an issued token revoked and appends it to the revocation list; affected = 0
+    /// when it was revoked already (idempotent), NotFound when there is no such token.
+    Revoke {
+        jti: String,
+        at: i64,
+        reason: Option<String>,
+    },
 }
 
 /// (seq, hash) of the last audit entry, read through `exec`.
@@ -271,6 +278,32 @@ async fn apply_op(tx: &mut Transaction<'_, Sqlite>, op: &WriteOp) -> Result<u64,
                 return Err(StoreError::NotFound(format!("API token {id}")));
             }
             r
+        }
+        WriteOp::Revoke { jti, at, reason } => {
+            let r = sqlx::query(
+                "UPDATE issued_tokens SET revoked_at = ?, revoke_reason = ? WHERE jti = ? AND revoked_at IS NULL",
+            )
+            .bind(at)
+            .bind(reason)
+            .bind(jti)
+            .execute(&mut **tx)
+            .await?;
+            if r.rows_affected() == 0 {
+                let known: Option<(i64,)> = sqlx::query_as("SELECT 1 FROM issued_tokens WHERE jti = ?")
+                    .bind(jti)
+                    .fetch_optional(&mut **tx)
+                    .await?;
+                if known.is_none() {
+                    return Err(StoreError::NotFound(format!("token {jti}")));
+                }
+                return Ok(0);
+            }
+            sqlx::query(
+                "INSERT INTO revocations (jti, exp, revoked_at, reason) SELECT jti, exp, revoked_at, revoke_reason FROM issued_tokens WHERE jti = ?",
+            )
+            .bind(jti)
+            .execute(&mut **tx)
+            .await?
         }
         WriteOp::InsertSigningKey(k) => {
             sqlx::query(

@@ -9,11 +9,13 @@ pub mod b64;
 pub mod claims;
 pub mod jwk;
 pub mod jws;
+pub mod revocation;
 pub mod verify;
 
 pub use claims::{Audience, Claims, Confirmation};
 pub use jwk::{Jwk, JwkSet, thumbprint};
 pub use jws::{Header, signing_input};
+pub use revocation::{RevocationList, Revoked, TYP_REVOCATIONS};
 pub use verify::{Verifier, VerifierConfig, VerifyError};
 
 /// `typ` header of provisioning tokens.

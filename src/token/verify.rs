@@ -63,6 +63,8 @@ pub enum VerifyError {
     NotYetValid(i64),
     #[error("token issued in the future ({0})")]
     IssuedInFuture(i64),
+    #[error("token revoked at {0}")]
+    Revoked(i64),
     #[error("JWKS has no usable ES256 key: {0}")]
     NoKeys(String),
 }
