@@ -3,7 +3,7 @@
 
 use serde_json::{Value, json};
 
-use crate::common::{Env, get_authed, issue};
+use crate::common::{Env, create_api_token, get_authed, issue};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn audit_endpoint_pages_links_and_needs_its_scope() {
@@ -68,16 +68,7 @@ async fn audit_endpoint_pages_links_and_needs_its_scope() {
     ] {
         assert_eq!(get_authed(&base, bad, &env.admin).await.status(), 400, "{bad}");
     }
-    let reader: Value = reqwest::Client::new()
-        .post(format!("{base}/v1/api-tokens"))
-        .bearer_auth(&env.admin)
-        .json(&json!({"name": "r", "scopes": ["keys:read"]}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let reader = create_api_token(&base, &env.admin, &["keys:read"], None).await;
     assert_eq!(
         get_authed(&base, "/v1/audit", reader["token"].as_str().unwrap())
             .await

@@ -6,7 +6,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::common::{Env, delete_authed, get_authed};
+use crate::common::{Env, create_api_token, delete_authed, get_authed};
 
 async fn post_issue(base: &str, token: Option<&str>) -> reqwest::Response {
     let mut r = reqwest::Client::new()
@@ -16,22 +16,6 @@ async fn post_issue(base: &str, token: Option<&str>) -> reqwest::Response {
         r = r.bearer_auth(t);
     }
     r.send().await.unwrap()
-}
-
-async fn create(base: &str, admin: &str, scopes: &[&str], ttl: Option<u64>) -> Value {
-    let mut body = json!({"name": "test", "scopes": scopes});
-    if let Some(t) = ttl {
-        body["ttl_seconds"] = t.into();
-    }
-    let r = reqwest::Client::new()
-        .post(format!("{base}/v1/api-tokens"))
-        .bearer_auth(admin)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
-    r.json().await.unwrap()
 }
 
 fn assert_problem(r: &reqwest::Response, status: u16) {
@@ -70,7 +54,7 @@ async fn credentials_are_checked_and_refusals_audited(env: Env) {
     );
 
     // wrong scope
-    let reader = create(&base, &env.admin, &["keys:read"], None).await;
+    let reader = create_api_token(&base, &env.admin, &["keys:read"], None).await;
     let reader_secret = reader["token"].as_str().unwrap();
     assert!(reader_secret.starts_with("kg_") && reader_secret.len() >= 3 + 43);
     let r = post_issue(&base, Some(reader_secret)).await;
@@ -88,11 +72,11 @@ async fn credentials_are_checked_and_refusals_audited(env: Env) {
     assert_problem(&r, 403);
 
     // an issuer token works
-    let issuer = create(&base, &env.admin, &["tokens:issue"], None).await;
+    let issuer = create_api_token(&base, &env.admin, &["tokens:issue"], None).await;
     assert_eq!(post_issue(&base, issuer["token"].as_str()).await.status(), 201);
 
     // expired
-    let short = create(&base, &env.admin, &["tokens:issue"], Some(1)).await;
+    let short = create_api_token(&base, &env.admin, &["tokens:issue"], Some(1)).await;
     assert_eq!(post_issue(&base, short["token"].as_str()).await.status(), 201);
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let r = post_issue(&base, short["token"].as_str()).await;

@@ -4,9 +4,11 @@
 use std::process::{Command, Stdio};
 
 use keygate::token::{Verifier, VerifierConfig};
-use serde_json::{Value, json};
+use serde_json::json;
 
-use crate::common::{Env, SO_PIN, Server, free_port, get_authed, introspect, issue, jwks, softhsm_conf};
+use crate::common::{
+    Env, SO_PIN, Server, create_api_token, free_port, get_authed, introspect, issue, jwks, softhsm_conf,
+};
 
 /// Runs `keygate serve` with `toml` and returns (exit success, stderr).
 fn serve_with(env: &Env, toml: &str) -> (bool, String) {
@@ -238,18 +240,8 @@ async fn no_secret_appears_in_the_logs() {
     let log = env.dir.path().join("serve.log");
     let server = Server::start(&env, &log, &[("KEYGATE_LOG", "debug")]).await;
     let base = env.base_url();
-    let c = reqwest::Client::new();
     let mut secrets = vec![env.admin.clone(), env.user_pin.clone(), SO_PIN.to_owned()];
-    let created: Value = c
-        .post(format!("{base}/v1/api-tokens"))
-        .bearer_auth(&env.admin)
-        .json(&json!({"name": "ops", "scopes": ["tokens:issue", "tokens:read"]}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let created = create_api_token(&base, &env.admin, &["tokens:issue", "tokens:read"], None).await;
     let ops = created["token"].as_str().unwrap().to_owned();
     secrets.push(ops.clone());
     for i in 0..5 {

@@ -3,7 +3,7 @@
 use keygate::token::{Verifier, VerifierConfig, VerifyError, jws};
 use serde_json::{Value, json};
 
-use crate::common::{Env, get_authed, introspect, issue, jwks};
+use crate::common::{Env, create_api_token, get_authed, introspect, issue, jwks};
 
 async fn revoke(base: &str, api: &str, jti: &str, body: Option<Value>) -> reqwest::Response {
     let mut r = reqwest::Client::new()
@@ -45,16 +45,7 @@ async fn revoked_tokens_are_refused_by_introspection_the_list_and_offline_verifi
     assert_eq!(again["revoked_at"], first["revoked_at"]);
     // unknown token, missing scope, bad body
     assert_eq!(revoke(&base, &env.admin, "no-such-jti", None).await.status(), 404);
-    let issuer: Value = reqwest::Client::new()
-        .post(format!("{base}/v1/api-tokens"))
-        .bearer_auth(&env.admin)
-        .json(&json!({"name": "i", "scopes": ["tokens:issue"]}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let issuer = create_api_token(&base, &env.admin, &["tokens:issue"], None).await;
     assert_eq!(
         revoke(&base, issuer["token"].as_str().unwrap(), jb, None)
             .await

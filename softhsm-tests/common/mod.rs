@@ -351,3 +351,26 @@ pub async fn introspect(base: &str, api_token: &str, token: &str) -> serde_json:
         .await
         .unwrap()
 }
+
+/// Creates an API token with `scopes` (and `ttl_seconds` if given) through the API, asserts
+/// 201, and returns the answer (`id`, `token`, `expires_at`).
+pub async fn create_api_token(
+    base: &str,
+    admin: &str,
+    scopes: &[&str],
+    ttl: Option<u64>,
+) -> serde_json::Value {
+    let mut body = serde_json::json!({"name": "test", "scopes": scopes});
+    if let Some(t) = ttl {
+        body["ttl_seconds"] = t.into();
+    }
+    let r = reqwest::Client::new()
+        .post(format!("{base}/v1/api-tokens"))
+        .bearer_auth(admin)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    r.json().await.unwrap()
+}
