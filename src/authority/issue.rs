@@ -7,7 +7,7 @@ use zeroize::Zeroizing;
 use super::{Authority, AuthorityError, Principal, now, random_bytes};
 use crate::audit::AuditRecord;
 use crate::store::{IssuedToken, WriteOp};
-use crate::token::{self, Audience, Claims, Confirmation, Header, b64, jws};
+use crate::token::{self, Audience, Claims, Confirmation, b64};
 
 /// Longest `sub` / `aud` accepted.
 const MAX_NAME: usize = 256;
@@ -144,24 +144,10 @@ impl Authority {
             one_time: req.one_time.then_some(true),
         };
         let payload = serde_json::to_vec(&claims).map_err(|e| AuthorityError::Internal(e.to_string()))?;
-        let input = jws::signing_input(
-            &Header::es256(token::TYP_PROVISIONING, &ring.active.kid),
-            &payload,
-        )
-        .map_err(|e| AuthorityError::Internal(e.to_string()))?;
-        let signer = ring.active.signer.clone();
-        let (input, sig) = self
-            .sign_blocking(move || {
-                // Time the device call only, not the wait for a blocking thread.
-                let sign_started = Instant::now();
-                let sig = signer.sign_raw(input.as_bytes());
-                metrics::histogram!("keygate_backend_sign_duration_seconds")
-                    .record(sign_started.elapsed().as_secs_f64());
-                (input, sig)
-            })
-            .await?;
-        let sig = sig?;
-        let token = Zeroizing::new(jws::assemble(&input, &sig));
+        let token = Zeroizing::new(
+            self.sign_compact(&ring.active, token::TYP_PROVISIONING, &payload)
+                .await?,
+        );
         tracing::Span::current()
             .record("kid", ring.active.kid.as_str())
             .record("jti", jti.as_str());

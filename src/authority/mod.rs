@@ -258,16 +258,28 @@ impl Authority {
             revoked,
         };
         let payload = serde_json::to_vec(&list).map_err(|e| AuthorityError::Internal(e.to_string()))?;
-        let ring = self.key_ring();
-        let input = crate::token::jws::signing_input(
-            &crate::token::Header::es256(crate::token::TYP_REVOCATIONS, &ring.active.kid),
-            &payload,
-        )
-        .map_err(|e| AuthorityError::Internal(e.to_string()))?;
-        let signer = ring.active.signer.clone();
+        self.sign_compact(&self.key_ring().active, crate::token::TYP_REVOCATIONS, &payload)
+            .await
+    }
+
+    /// A JWS compact serialization of `payload` with header `{alg: ES256, typ, kid}`, signed
+    /// inside the hardware by `key` on a signing thread. The device call alone is timed into
+    /// `keygate_backend_sign_duration_seconds`.
+    pub(crate) async fn sign_compact(
+        &self,
+        key: &ActiveKey,
+        typ: &str,
+        payload: &[u8],
+    ) -> Result<String, AuthorityError> {
+        let input = crate::token::jws::signing_input(&crate::token::Header::es256(typ, &key.kid), payload)
+            .map_err(|e| AuthorityError::Internal(e.to_string()))?;
+        let signer = key.signer.clone();
         let (input, sig) = self
             .sign_blocking(move || {
+                let started = std::time::Instant::now();
                 let sig = signer.sign_raw(input.as_bytes());
+                metrics::histogram!("keygate_backend_sign_duration_seconds")
+                    .record(started.elapsed().as_secs_f64());
                 (input, sig)
             })
             .await?;
