@@ -9,25 +9,22 @@ use super::Pkcs11Backend;
 
 impl Pkcs11Backend {
     pub(super) fn sign(&self, uri: &str, digest: &[u8; 32]) -> Result<[u8; 64], KeyError> {
-        let mut handle = self.handle_for(uri)?;
+        let handle = self.handle_for(uri)?;
+        // A handle goes stale when the token was re-inserted or the object re-created: then
+        // look it up again and retry once.
         let mut stale = false;
-        let sig = self
-            .pool
-            .run(|s| match s.sign(&Mechanism::Ecdsa, handle, digest) {
-                // The handle went stale (the token was re-inserted or the object re-created):
-                // look it up again once.
-                Err(CkError::Pkcs11(RvError::KeyHandleInvalid | RvError::ObjectHandleInvalid, f))
-                    if !stale =>
-                {
-                    stale = true;
-                    Err(CkError::Pkcs11(RvError::KeyHandleInvalid, f))
-                }
-                other => other,
-            });
+        let sig = self.pool.run(|s| {
+            s.sign(&Mechanism::Ecdsa, handle, digest).inspect_err(|e| {
+                stale = matches!(
+                    e,
+                    CkError::Pkcs11(RvError::KeyHandleInvalid | RvError::ObjectHandleInvalid, _)
+                );
+            })
+        });
         let sig = match sig {
             Err(KeyError::Pkcs11 { .. }) if stale => {
                 self.forget_handles();
-                handle = self.handle_for(uri)?;
+                let handle = self.handle_for(uri)?;
                 self.pool.run(|s| s.sign(&Mechanism::Ecdsa, handle, digest))?
             }
             other => other?,
