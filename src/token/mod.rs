@@ -7,12 +7,14 @@
 
 pub mod b64;
 pub mod claims;
+pub mod dpop;
 pub mod jwk;
 pub mod jws;
 pub mod revocation;
 pub mod verify;
 
 pub use claims::{Audience, Claims, Confirmation};
+pub use dpop::{DpopError, Proof, ProofContext, TYP_DPOP, verify_proof};
 pub use jwk::{Jwk, JwkSet, thumbprint};
 pub use jws::{Header, signing_input};
 pub use revocation::{RevocationList, Revoked, TYP_REVOCATIONS};

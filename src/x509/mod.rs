@@ -1,6 +1,10 @@
 //! X.509 certificates signed inside the hardware (`x509-cert` builder driven by a
 //! [`crate::keys::HardwareSigner`]).
 
+mod leaf;
+
+pub use leaf::{CsrError, check_csr, issue_end_entity};
+
 use std::str::FromStr;
 use std::time::Duration;
 
