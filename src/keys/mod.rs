@@ -93,6 +93,10 @@ pub trait KeyBackend: Send + Sync + 'static {
 
     /// Signs a SHA-256 digest with the key at `uri`; returns the raw 64-byte `r || s`.
     fn sign_digest(&self, uri: &str, digest: &[u8; 32]) -> Result<[u8; 64], KeyError>;
+
+    /// Removes the key at `uri` from the device for good. Callers check first, with
+    /// [`KeyBackend::find_key`], that it is there.
+    fn destroy_key(&self, uri: &str) -> Result<(), KeyError>;
 }
 
 /// Decodes an EC point as devices return it: raw SEC1, or wrapped in a DER OCTET STRING

@@ -164,6 +164,37 @@ impl Pkcs11Backend {
     }
 }
 
+impl Pkcs11Backend {
+    /// `C_DestroyObject` on the private and the public key object with the id of `uri`.
+    pub(super) fn destroy(&self, uri: &str) -> Result<(), KeyError> {
+        let parsed: Pkcs11Uri = uri.parse()?;
+        let id = parsed
+            .id
+            .ok_or_else(|| KeyError::Config(format!("{uri} has no id")))?;
+        self.pool.run(|s| {
+            let mut objects = find_private(
+                s,
+                &[
+                    Attribute::Class(ObjectClass::PRIVATE_KEY),
+                    Attribute::Id(id.clone()),
+                ],
+            )?;
+            objects.extend(s.find_objects(&[
+                Attribute::Class(ObjectClass::PUBLIC_KEY),
+                Attribute::Id(id.clone()),
+            ])?);
+            for h in objects {
+                s.destroy_object(h)?;
+            }
+            Ok(())
+        })?;
+        if let Ok(mut m) = self.handles.lock() {
+            m.remove(uri);
+        }
+        Ok(())
+    }
+}
+
 /// `C_FindObjects` for private objects. A logged-out session cannot see them and the search
 /// just comes back empty, so an empty answer on a session that is not logged in is reported
 /// as `CKR_USER_NOT_LOGGED_IN`, which makes the pool log in again and retry.

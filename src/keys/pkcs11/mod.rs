@@ -254,4 +254,8 @@ impl KeyBackend for Pkcs11Backend {
     fn sign_digest(&self, uri: &str, digest: &[u8; 32]) -> Result<[u8; 64], KeyError> {
         self.sign(uri, digest)
     }
+
+    fn destroy_key(&self, uri: &str) -> Result<(), KeyError> {
+        self.destroy(uri)
+    }
 }

@@ -197,6 +197,10 @@ impl KeyBackend for TpmBackend {
     fn sign_digest(&self, uri: &str, digest: &[u8; 32]) -> Result<[u8; 64], KeyError> {
         self.sign(uri, digest)
     }
+
+    fn destroy_key(&self, uri: &str) -> Result<(), KeyError> {
+        self.destroy(uri)
+    }
 }
 
 #[cfg(test)]
