@@ -12,5 +12,8 @@ mod cli;
 mod hsm;
 mod http;
 mod process;
+mod redeem;
 mod revocation;
+mod rotation;
+mod stream;
 mod tpm;

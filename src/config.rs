@@ -74,6 +74,40 @@ pub struct Config {
     pub ca: CaConfig,
     #[serde(default)]
     pub audit: AuditConfig,
+    #[serde(default)]
+    pub rotation: RotationConfig,
+}
+
+/// Signing-key rotation (docs/adr/0007-key-rotation.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotationConfig {
+    /// Rotate the active key this long after it became active (0: only by hand).
+    #[serde(default = "default_rotate_every")]
+    pub rotate_every_seconds: u64,
+    /// A new key is published this long before it signs (API.md: default 10 min). Must be
+    /// at least `jwks_max_age_seconds`, so every verifier has fetched it in time.
+    #[serde(default = "default_publish_lead")]
+    pub publish_lead_seconds: u64,
+    /// `Cache-Control: max-age` of the JWKS (at most 300).
+    #[serde(default = "default_jwks_max_age")]
+    pub jwks_max_age_seconds: u64,
+    /// How often the schedule is checked.
+    #[serde(default = "default_rotation_check_ms")]
+    pub check_every_ms: u64,
+}
+
+fn default_rotate_every() -> u64 {
+    30 * 86_400
+}
+fn default_publish_lead() -> u64 {
+    600
+}
+fn default_jwks_max_age() -> u64 {
+    60
+}
+fn default_rotation_check_ms() -> u64 {
+    1000
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -120,6 +154,14 @@ pub struct TokenPolicy {
     /// Leeway of `keygate verify` and the verifier library default.
     #[serde(default = "default_leeway")]
     pub leeway_seconds: u64,
+    /// RFC 9449: a DPoP proof's `iat` may be at most this old; its `jti` is remembered as
+    /// long (replay protection).
+    #[serde(default = "default_dpop_max_age")]
+    pub dpop_max_age_seconds: u64,
+}
+
+fn default_dpop_max_age() -> u64 {
+    60
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -143,6 +185,13 @@ pub struct CaConfig {
     pub common_name: String,
     #[serde(default = "default_ca_days")]
     pub lifetime_days: u64,
+    /// Longest life of a certificate issued at redemption (never past the CA's own).
+    #[serde(default = "default_cert_ttl")]
+    pub certificate_ttl_seconds: u64,
+}
+
+fn default_cert_ttl() -> u64 {
+    86_400
 }
 
 fn default_data_dir() -> PathBuf {
@@ -189,7 +238,14 @@ macro_rules! default_from_serde {
         }
     )*};
 }
-default_from_serde!(StoreConfig, TokenPolicy, ApiTokenPolicy, CaConfig, AuditConfig);
+default_from_serde!(
+    StoreConfig,
+    TokenPolicy,
+    ApiTokenPolicy,
+    CaConfig,
+    AuditConfig,
+    RotationConfig
+);
 
 impl Default for Config {
     fn default() -> Self {
@@ -261,6 +317,38 @@ impl Config {
                 "tokens.default_ttl_seconds ({}) exceeds tokens.max_ttl_seconds ({})",
                 t.default_ttl_seconds, t.max_ttl_seconds
             )));
+        }
+        if !(1..=3600).contains(&t.dpop_max_age_seconds) {
+            return Err(ConfigError::Invalid(
+                "tokens.dpop_max_age_seconds must be 1 to 3600".into(),
+            ));
+        }
+        if self.ca.certificate_ttl_seconds == 0 {
+            return Err(ConfigError::Invalid(
+                "ca.certificate_ttl_seconds must be positive".into(),
+            ));
+        }
+        let r = &self.rotation;
+        if !(1..=300).contains(&r.jwks_max_age_seconds) {
+            return Err(ConfigError::Invalid(
+                "rotation.jwks_max_age_seconds must be 1 to 300".into(),
+            ));
+        }
+        if r.publish_lead_seconds < r.jwks_max_age_seconds {
+            return Err(ConfigError::Invalid(format!(
+                "rotation.publish_lead_seconds ({}) is shorter than rotation.jwks_max_age_seconds ({}): verifiers could meet a key before they can have fetched it",
+                r.publish_lead_seconds, r.jwks_max_age_seconds
+            )));
+        }
+        if r.rotate_every_seconds != 0 && r.rotate_every_seconds <= r.publish_lead_seconds {
+            return Err(ConfigError::Invalid(
+                "rotation.rotate_every_seconds must exceed rotation.publish_lead_seconds (or be 0: by hand only)".into(),
+            ));
+        }
+        if r.check_every_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "rotation.check_every_ms must be positive".into(),
+            ));
         }
         let a = &self.api_tokens;
         if a.max_ttl_seconds == 0 || a.default_ttl_seconds == 0 {

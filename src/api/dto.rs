@@ -89,11 +89,69 @@ pub struct KeyView {
     pub activated_at: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retire_at: Option<String>,
+    /// A `next` key: when it becomes active.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub activate_at: Option<String>,
+    /// When the key was removed from the device (it stays listed: tokens name it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub destroyed_at: Option<String>,
     /// Public JWK.
     #[schema(value_type = Object)]
     pub jwk: serde_json::Value,
     /// Self-signed X.509 CA certificate (PEM), signed inside the hardware.
     pub certificate: String,
+}
+
+impl From<crate::store::SigningKeyRow> for KeyView {
+    fn from(r: crate::store::SigningKeyRow) -> Self {
+        use crate::authority::rfc3339;
+        KeyView {
+            jwk: serde_json::from_str(&r.jwk).unwrap_or(serde_json::Value::Null),
+            kid: r.kid,
+            state: r.state,
+            uri: r.uri,
+            backend: r.backend,
+            created_at: rfc3339(r.created_at),
+            activated_at: r.activated_at.map(rfc3339),
+            retire_at: r.retire_at.map(rfc3339),
+            activate_at: r.activate_at.map(rfc3339),
+            destroyed_at: r.destroyed_at.map(rfc3339),
+            certificate: r.certificate,
+        }
+    }
+}
+
+/// POST /v1/keys/rotate
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RotateRequest {
+    /// Emergency: the new key signs at once, without the publish lead (verifiers with a
+    /// cached JWKS refuse its tokens until they refresh).
+    #[serde(default)]
+    pub activate_now: Option<bool>,
+}
+
+/// POST /v1/tokens/redeem
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RedeemRequestBody {
+    /// The provisioning token (it is the credential).
+    pub token: String,
+    /// PEM PKCS#10 request; its key gets a certificate signed by the hardware-held CA key.
+    #[serde(default)]
+    pub csr: Option<String>,
+}
+
+/// What a redeemed token grants.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct RedeemResponse {
+    pub subject: String,
+    pub audience: Vec<String>,
+    pub scopes: Vec<String>,
+    pub expires_at: String,
+    /// PEM chain: the new certificate, then the issuing CA certificate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<String>,
 }
 
 /// POST /v1/api-tokens

@@ -4,6 +4,7 @@
 mod dto;
 pub mod error;
 mod extract;
+mod lifecycle;
 mod openapi;
 mod operator;
 mod public;
@@ -94,7 +95,11 @@ pub fn router(state: AppState) -> Router {
         .route("/openapi.json", get(public::openapi))
         .route("/v1/tokens", post(operator::issue_token))
         .route("/v1/tokens/introspect", post(operator::introspect))
+        .route("/v1/tokens/redeem", post(lifecycle::redeem))
+        .route("/v1/revocations/stream", get(lifecycle::revocation_stream))
         .route("/v1/keys", get(operator::list_keys))
+        .route("/v1/keys/rotate", post(lifecycle::rotate_key))
+        .route("/v1/keys/{kid}", delete(lifecycle::destroy_key))
         .route("/v1/audit", get(operator::audit))
         .route("/v1/tokens/{jti}/revoke", post(operator::revoke))
         .route("/v1/revocations", get(operator::revocations))

@@ -5,7 +5,7 @@ use utoipa::{Modify, OpenApi};
 
 use super::dto::*;
 use super::error::Problem;
-use super::{operator, public};
+use super::{lifecycle, operator, public};
 
 struct BearerAuth;
 
@@ -32,11 +32,13 @@ impl Modify for BearerAuth {
         operator::issue_token, operator::introspect, operator::list_keys,
         operator::create_api_token, operator::list_api_tokens, operator::delete_api_token,
         operator::audit, operator::revoke, operator::revocations,
+        lifecycle::redeem, lifecycle::revocation_stream, lifecycle::rotate_key, lifecycle::destroy_key,
     ),
     components(schemas(
         Problem, IssueTokenRequest, IssueTokenResponse, IntrospectRequest, IntrospectResponse, KeyView,
         CreateApiTokenRequest, CreateApiTokenResponse, ApiTokenView, Configuration, Status,
         AuditPage, AuditEntryView, CheckpointView, RevokeRequest, RevokeResponse,
+        RotateRequest, RedeemRequestBody, RedeemResponse,
     )),
     modifiers(&BearerAuth),
 )]
@@ -61,6 +63,10 @@ mod tests {
             "/v1/api-tokens/{id}",
             "/.well-known/jwks.json",
             "/readyz",
+            "/v1/tokens/redeem",
+            "/v1/revocations/stream",
+            "/v1/keys/rotate",
+            "/v1/keys/{kid}",
         ] {
             assert!(doc["paths"].get(p).is_some(), "missing {p}");
         }

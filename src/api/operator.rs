@@ -12,7 +12,7 @@ use super::extract::{FormOrJson, Remote, StrictJson, bearer};
 use crate::authority::{IssueRequest, Principal, Scope, rfc3339};
 
 /// Authenticates the bearer token and checks `scope` (401 / 403, both audited).
-async fn authorize(
+pub(super) async fn authorize(
     st: &AppState,
     headers: &HeaderMap,
     remote: &str,
@@ -104,21 +104,7 @@ pub async fn list_keys(
 ) -> Result<Json<Vec<KeyView>>, ApiError> {
     authorize(&st, &headers, &remote, Scope::KeysRead).await?;
     let rows = st.authority.signing_keys().await?;
-    Ok(Json(
-        rows.into_iter()
-            .map(|r| KeyView {
-                jwk: serde_json::from_str(&r.jwk).unwrap_or(serde_json::Value::Null),
-                kid: r.kid,
-                state: r.state,
-                uri: r.uri,
-                backend: r.backend,
-                created_at: rfc3339(r.created_at),
-                activated_at: r.activated_at.map(rfc3339),
-                retire_at: r.retire_at.map(rfc3339),
-                certificate: r.certificate,
-            })
-            .collect(),
-    ))
+    Ok(Json(rows.into_iter().map(KeyView::from).collect()))
 }
 
 /// Mints an operator API token; the secret is in this answer only.

@@ -11,7 +11,8 @@ use super::AppState;
 use super::dto::{Configuration, Status};
 use super::error::{ApiError, Problem};
 
-/// `Cache-Control` of the JWKS (API.md: max-age at most 300).
+/// Default `Cache-Control: max-age` of the JWKS (API.md: at most 300); configurable as
+/// `rotation.jwks_max_age_seconds`.
 pub const JWKS_MAX_AGE: u64 = 60;
 
 /// RFC 7517 JWK Set of every key a verifier may meet (`next`, `active`, `retiring`).
@@ -26,7 +27,10 @@ pub async fn jwks(State(st): State<AppState>) -> Response {
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/jwk-set+json"),
     );
-    if let Ok(v) = HeaderValue::from_str(&format!("public, max-age={JWKS_MAX_AGE}")) {
+    if let Ok(v) = HeaderValue::from_str(&format!(
+        "public, max-age={}",
+        st.authority.settings().jwks_max_age
+    )) {
         h.insert(header::CACHE_CONTROL, v);
     }
     res

@@ -99,10 +99,30 @@ pub async fn ensure_active_key(
     {
         return Ok((k.kid, false));
     }
+    let mut row = generate_key(backend, settings).await?;
+    row.state = "active".into();
+    row.activated_at = Some(row.created_at);
+    let kid = row.kid.clone();
+    record_new_key(
+        store,
+        backend,
+        row,
+        Vec::new(),
+        AuditRecord::new(actor, "key.create", &kid, "success", "local"),
+    )
+    .await?;
+    Ok((kid, true))
+}
+
+/// Generates a P-256 key inside the device and has the device sign its self-signed CA
+/// certificate. Returns its row, state `next`, not yet recorded.
+pub(super) async fn generate_key(
+    backend: &Arc<dyn KeyBackend>,
+    settings: &Settings,
+) -> Result<SigningKeyRow, AuthorityError> {
     let label = format!("root-{}", time_label());
     let b = backend.clone();
-    let l = label.clone();
-    let info = tokio::task::spawn_blocking(move || b.create_key(&l))
+    let info = tokio::task::spawn_blocking(move || b.create_key(&label))
         .await
         .map_err(|e| AuthorityError::Internal(e.to_string()))??;
     let jwk = Jwk::from_public_key(&info.public_key);
@@ -115,26 +135,54 @@ pub async fn ensure_active_key(
         tokio::task::spawn_blocking(move || crate::x509::self_signed_ca(&signer, &subject, lifetime))
             .await
             .map_err(|e| AuthorityError::Internal(e.to_string()))?
-            .map_err(|e| AuthorityError::Internal(e.to_string()))?;
-    let t = now();
-    let row = SigningKeyRow {
-        kid: kid.clone(),
+            .map_err(|e| AuthorityError::Internal(e.to_string()));
+    let certificate = match certificate {
+        Ok(c) => c,
+        Err(e) => {
+            forget_device_key(backend, &info.uri).await;
+            return Err(e);
+        }
+    };
+    Ok(SigningKeyRow {
+        kid,
         uri: info.uri.clone(),
         backend: backend.kind().into(),
-        state: "active".into(),
+        state: "next".into(),
         jwk: serde_json::to_string(&jwk).map_err(|e| AuthorityError::Internal(e.to_string()))?,
         certificate,
-        created_at: t,
-        activated_at: Some(t),
+        created_at: now(),
+        activated_at: None,
         retire_at: None,
-    };
-    store
-        .write(
-            vec![WriteOp::InsertSigningKey(row)],
-            AuditRecord::new(actor, "key.create", &kid, "success", "local"),
-        )
-        .await?;
-    Ok((kid, true))
+        activate_at: None,
+        destroyed_at: None,
+    })
+}
+
+/// Records a freshly generated key (plus `more` ops, in the same transaction). When that
+/// fails, the key is removed from the device again, so no unrecorded key is left behind.
+pub(super) async fn record_new_key(
+    store: &Store,
+    backend: &Arc<dyn KeyBackend>,
+    row: SigningKeyRow,
+    more: Vec<WriteOp>,
+    audit: AuditRecord,
+) -> Result<(), AuthorityError> {
+    let uri = row.uri.clone();
+    let mut ops = vec![WriteOp::InsertSigningKey(row)];
+    ops.extend(more);
+    if let Err(e) = store.write(ops, audit).await {
+        forget_device_key(backend, &uri).await;
+        return Err(e.into());
+    }
+    Ok(())
+}
+
+async fn forget_device_key(backend: &Arc<dyn KeyBackend>, uri: &str) {
+    let (b, u) = (backend.clone(), uri.to_owned());
+    match tokio::task::spawn_blocking(move || b.destroy_key(&u)).await {
+        Ok(Ok(())) => tracing::warn!(uri, "removed a key that could not be recorded"),
+        _ => tracing::error!(uri, "a key that could not be recorded is still on the device"),
+    }
 }
 
 fn time_label() -> String {

@@ -4,6 +4,9 @@
 mod apitokens;
 mod issue;
 mod keyring;
+mod redeem;
+mod revocations;
+mod rotation;
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -11,6 +14,9 @@ use std::sync::{Arc, RwLock};
 pub use apitokens::{NewApiToken, Principal, Scope};
 pub use issue::{Introspection, IssueRequest, Issued};
 pub use keyring::{ActiveKey, KeyRing, PublishedKey, ensure_active_key};
+pub use redeem::{RedeemRequest, Redeemed};
+pub use revocations::RevocationEvent;
+pub use rotation::RotateOutcome;
 
 use crate::config::Config;
 use crate::keys::{KeyBackend, KeyError, SignQueue};
@@ -52,6 +58,15 @@ pub struct Settings {
     pub api_max_ttl: u64,
     pub ca_subject: CaSubject,
     pub ca_lifetime_days: u64,
+    /// Longest life of a certificate issued at redemption.
+    pub certificate_ttl: u64,
+    /// RFC 9449 proof age window, seconds.
+    pub dpop_max_age: i64,
+    /// Verifier leeway (a retiring key stays published this long past its last token).
+    pub leeway: i64,
+    pub rotate_every: i64,
+    pub publish_lead: i64,
+    pub jwks_max_age: u64,
 }
 
 impl Settings {
@@ -68,6 +83,12 @@ impl Settings {
                 common_name: cfg.ca.common_name.clone(),
             },
             ca_lifetime_days: cfg.ca.lifetime_days,
+            certificate_ttl: cfg.ca.certificate_ttl_seconds,
+            dpop_max_age: cfg.tokens.dpop_max_age_seconds as i64,
+            leeway: cfg.tokens.leeway_seconds as i64,
+            rotate_every: cfg.rotation.rotate_every_seconds as i64,
+            publish_lead: cfg.rotation.publish_lead_seconds as i64,
+            jwks_max_age: cfg.rotation.jwks_max_age_seconds,
         }
     }
 }
@@ -85,6 +106,12 @@ pub struct Authority {
     last_probe_ok_ms: AtomicI64,
     /// One signing thread per backend session (`keys/queue.rs`).
     sign_queue: SignQueue,
+    /// Live revocations for the event stream (`revocations.rs`).
+    pub(crate) feed: Arc<revocations::Feed>,
+    /// One rotation step at a time in this process (`rotation.rs`).
+    rotation_lock: tokio::sync::Mutex<()>,
+    /// The store's key states when the ring was last loaded.
+    key_states: std::sync::Mutex<String>,
 }
 
 /// How long a successful readiness probe of the backend is reused.
@@ -101,7 +128,12 @@ impl Authority {
         let ring = KeyRing::load(&store, &backend).await?;
         let (slots, sign_wait) = backend.concurrency();
         let sign_queue = SignQueue::start(slots, sign_wait)?;
+        let feed = revocations::Feed::start(store.clone()).await?;
+        let key_states = std::sync::Mutex::new(store.key_states().await?);
         Ok(Authority {
+            feed,
+            rotation_lock: tokio::sync::Mutex::new(()),
+            key_states,
             api_token_cache: apitokens::Cache::default(),
             last_probe_ok_ms: AtomicI64::new(0),
             sign_queue,
@@ -191,75 +223,6 @@ impl Authority {
         upto: i64,
     ) -> Result<Vec<crate::audit::Checkpoint>, AuthorityError> {
         Ok(self.store.checkpoints(after, upto).await?)
-    }
-
-    /// Revokes an issued token (idempotent: a second call answers the first revocation's
-    /// time). Unknown tokens are [`AuthorityError::NotFound`] and leave no audit entry.
-    pub async fn revoke(
-        &self,
-        who: &Principal,
-        jti: &str,
-        reason: Option<String>,
-        remote: &str,
-    ) -> Result<i64, AuthorityError> {
-        if let Some(r) = &reason {
-            if r.len() > 256 || r.chars().any(char::is_control) {
-                return Err(AuthorityError::BadRequest(
-                    "reason must be at most 256 printable bytes".into(),
-                ));
-            }
-        }
-        if jti.is_empty() || jti.len() > 64 {
-            return Err(AuthorityError::NotFound(format!("token {jti}")));
-        }
-        let at = now();
-        let op = crate::store::WriteOp::Revoke {
-            jti: jti.to_owned(),
-            at,
-            reason,
-        };
-        let affected = self
-            .store
-            .write(
-                vec![op],
-                crate::audit::AuditRecord::new(&who.id, "token.revoke", jti, "success", remote),
-            )
-            .await?;
-        if affected.first().copied().unwrap_or(0) == 0 {
-            let earlier = self
-                .store
-                .issued_token(jti)
-                .await?
-                .and_then(|(_, s)| s.revoked_at);
-            return earlier.ok_or_else(|| AuthorityError::NotFound(format!("token {jti}")));
-        }
-        metrics::counter!("keygate_tokens_revoked_total").increment(1);
-        Ok(at)
-    }
-
-    /// The signed revocation list: unexpired revocations with `seq > after`.
-    pub async fn revocation_list(&self, after: i64) -> Result<String, AuthorityError> {
-        if after < 0 {
-            return Err(AuthorityError::BadRequest("after must not be negative".into()));
-        }
-        let now = now();
-        let seq = self.store.revocation_seq().await?;
-        let revoked = self
-            .store
-            .revocations(after, now)
-            .await?
-            .into_iter()
-            .map(|(_, jti, exp, revoked_at)| crate::token::Revoked { jti, exp, revoked_at })
-            .collect();
-        let list = crate::token::RevocationList {
-            iss: self.settings.issuer.clone(),
-            iat: now,
-            seq,
-            revoked,
-        };
-        let payload = serde_json::to_vec(&list).map_err(|e| AuthorityError::Internal(e.to_string()))?;
-        self.sign_compact(&self.key_ring().active, crate::token::TYP_REVOCATIONS, &payload)
-            .await
     }
 
     /// A JWS compact serialization of `payload` with header `{alg: ES256, typ, kid}`, signed

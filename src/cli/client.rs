@@ -121,3 +121,42 @@ pub async fn list_keys(c: ClientArgs, json: bool) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+pub async fn rotate_key(c: ClientArgs, activate_now: bool) -> anyhow::Result<()> {
+    let token = api_token(&c)?;
+    let url = format!("{}/v1/keys/rotate", c.server.trim_end_matches('/'));
+    let res = http()?
+        .post(&url)
+        .bearer_auth(token.as_str())
+        .json(&serde_json::json!({ "activate_now": activate_now }))
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {url}"))?;
+    let k: KeyView = check(res).await?.json().await?;
+    match (&k.state[..], &k.activate_at) {
+        ("next", Some(at)) => println!("{} next (published now, signs from {at})", k.kid),
+        _ => println!("{} {}", k.kid, k.state),
+    }
+    Ok(())
+}
+
+pub async fn destroy_key(c: ClientArgs, kid: &str) -> anyhow::Result<()> {
+    let token = api_token(&c)?;
+    if kid.is_empty()
+        || !kid
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        bail!("{kid:?} is not a kid (base64url RFC 7638 thumbprint)");
+    }
+    let url = format!("{}/v1/keys/{kid}", c.server.trim_end_matches('/'));
+    let res = http()?
+        .delete(&url)
+        .bearer_auth(token.as_str())
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {url}"))?;
+    check(res).await?;
+    println!("{kid} destroyed");
+    Ok(())
+}

@@ -2,6 +2,7 @@
 
 mod audit;
 mod bench;
+mod bench_lifecycle;
 mod client;
 mod init;
 mod serve;
@@ -87,6 +88,24 @@ pub enum KeysCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Create a new signing key (scope keys:rotate): published now, signing after the
+    /// publish lead, or at once with --activate-now.
+    Rotate {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Emergency: sign with the new key at once.
+        #[arg(long)]
+        activate_now: bool,
+    },
+    /// Remove a retired key from the hardware (scope keys:rotate); refused while a token it
+    /// signed is unexpired.
+    Destroy {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The key's kid (base64url: it may start with '-').
+        #[arg(allow_hyphen_values = true)]
+        kid: String,
+    },
 }
 
 /// Runs a parsed command line.
@@ -100,6 +119,10 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
         Command::Serve => serve::serve(config).await,
         Command::Token(TokenCommand::Issue(args)) => client::issue(args).await,
         Command::Keys(KeysCommand::List { client, json }) => client::list_keys(client, json).await,
+        Command::Keys(KeysCommand::Rotate { client, activate_now }) => {
+            client::rotate_key(client, activate_now).await
+        }
+        Command::Keys(KeysCommand::Destroy { client, kid }) => client::destroy_key(client, &kid).await,
         Command::Verify(args) => verify::run(args, &config).await,
         Command::Bench(args) => bench::run(args, config).await,
         Command::Audit(AuditCommand::Verify(args)) => audit::verify(args, &config).await,

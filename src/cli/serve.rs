@@ -142,16 +142,45 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             }
         }
     });
+    let lifecycle = tokio::spawn(lifecycle_tasks(
+        service.authority.clone(),
+        std::time::Duration::from_millis(config.rotation.check_every_ms),
+    ));
+    let authority = service.authority.clone();
     let served = axum::serve(
         listener,
         service.router.into_make_service_with_connect_info::<SocketAddr>(),
     )
-    .with_graceful_shutdown(shutdown_signal())
+    .with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        // Open event streams would hold the graceful shutdown forever.
+        authority.close_streams();
+    })
     .await;
     checkpoints.abort();
+    lifecycle.abort();
     if let Err(e) = service.authority.checkpoint_audit().await {
         tracing::error!(error = %e, "cannot sign the audit checkpoint at shutdown");
     }
     served.context("server failed")?;
     Ok(())
+}
+
+/// The key-rotation schedule, and forgetting DPoP proof ids whose window has passed.
+async fn lifecycle_tasks(authority: Arc<Authority>, every: std::time::Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut n: u64 = 0;
+    loop {
+        tick.tick().await;
+        if let Err(e) = authority.rotation_tick().await {
+            tracing::warn!(error = %e, "key rotation step failed; retrying");
+        }
+        n += 1;
+        if n % 60 == 0 {
+            if let Err(e) = authority.store().prune_dpop_proofs(crate::authority::now()).await {
+                tracing::warn!(error = %e, "cannot prune DPoP proof ids");
+            }
+        }
+    }
 }

@@ -30,6 +30,22 @@ pub enum StoreError {
     NotFound(String),
     #[error("cannot open store {url}: {reason}")]
     Open { url: String, reason: String },
+    /// A write's precondition did not hold; nothing of it was applied.
+    #[error("refused: {0}")]
+    Refused(Refusal),
+}
+
+/// Why a conditional write was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("the DPoP proof was used before")]
+    DpopReplay,
+    #[error("the token is revoked")]
+    Revoked,
+    #[error("the one-time token was redeemed already")]
+    Redeemed,
+    #[error("the key is not in the expected state")]
+    KeyState,
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -139,7 +155,8 @@ impl Store {
 
     pub async fn signing_keys(&self) -> Result<Vec<SigningKeyRow>, StoreError> {
         let rows = sqlx::query(
-            "SELECT kid, uri, backend, state, jwk, certificate, created_at, activated_at, retire_at
+            "SELECT kid, uri, backend, state, jwk, certificate, created_at, activated_at, retire_at,
+                    activate_at, destroyed_at
              FROM signing_keys ORDER BY created_at, kid",
         )
         .fetch_all(&self.pool)
@@ -194,6 +211,49 @@ impl Store {
             .fetch_one(&self.pool)
             .await?;
         Ok(r.0.unwrap_or(0))
+    }
+
+    /// How many tokens signed by `kid` are valid at `now` or later, and the latest `exp` of
+    /// any token it signed (None: it signed none).
+    pub async fn tokens_signed_by(&self, kid: &str, now: i64) -> Result<(i64, Option<i64>), StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT (SELECT count(*) FROM issued_tokens WHERE kid = ?1 AND exp > ?2),
+                    (SELECT max(exp) FROM issued_tokens WHERE kid = ?1)",
+        )
+        .bind(kid)
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    /// A cheap summary of every key's state: it changes whenever any key changes state
+    /// (another process rotated, say).
+    pub async fn key_states(&self) -> Result<String, StoreError> {
+        let r: (Option<String>,) = sqlx::query_as(
+            "SELECT group_concat(kid || ':' || state || ':' || coalesce(activate_at, ''), ',')
+             FROM (SELECT kid, state, activate_at FROM signing_keys ORDER BY kid)",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(r.0.unwrap_or_default())
+    }
+
+    /// True when a DPoP proof with this id (`<jkt>.<jti>`) was accepted before.
+    pub async fn dpop_proof_seen(&self, id: &str) -> Result<bool, StoreError> {
+        let r: Option<(i64,)> = sqlx::query_as("SELECT 1 FROM dpop_proofs WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(r.is_some())
+    }
+
+    /// Forgets DPoP proof ids whose window has passed.
+    pub async fn prune_dpop_proofs(&self, now: i64) -> Result<u64, StoreError> {
+        let r = sqlx::query("DELETE FROM dpop_proofs WHERE exp < ?")
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected())
     }
 
     /// Records a signed checkpoint (idempotent for the same seq).

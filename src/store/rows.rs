@@ -45,7 +45,12 @@ pub struct SigningKeyRow {
     pub certificate: String,
     pub created_at: i64,
     pub activated_at: Option<i64>,
+    /// `retiring`: when it is expected to retire (its tokens' latest expiry).
     pub retire_at: Option<i64>,
+    /// `next`: when it becomes active.
+    pub activate_at: Option<i64>,
+    /// When the key was removed from the device.
+    pub destroyed_at: Option<i64>,
 }
 
 impl SigningKeyRow {
@@ -60,6 +65,8 @@ impl SigningKeyRow {
             created_at: r.try_get("created_at")?,
             activated_at: r.try_get("activated_at")?,
             retire_at: r.try_get("retire_at")?,
+            activate_at: r.try_get("activate_at")?,
+            destroyed_at: r.try_get("destroyed_at")?,
         })
     }
 }

@@ -17,7 +17,7 @@ use sqlx::{Connection, Executor, QueryBuilder, Row, Sqlite, Transaction};
 use tokio::sync::mpsc;
 
 use super::rows::{ApiTokenRow, IssuedToken, SigningKeyRow};
-use super::{Job, StoreError};
+use super::{Job, Refusal, StoreError};
 use crate::audit::{self, AuditRecord};
 
 /// Most writes committed in one transaction (also bounds bulk statement parameters:
@@ -39,6 +39,30 @@ pub enum WriteOp {
         jti: String,
         at: i64,
         reason: Option<String>,
+    },
+    /// Redeems an issued token: records the DPoP proof id first (a replay is refused), then
+    /// sets `redeemed_at` unless the token is revoked or is one-time and redeemed already.
+    /// Refusals are [`StoreError::Refused`]; nothing of a refused redemption stays.
+    Redeem {
+        jti: String,
+        at: i64,
+        /// (`<jkt>.<jti>` of the proof, until when to remember it)
+        proof: Option<(String, i64)>,
+    },
+    /// Moves a signing key from state `from` to `to`, setting the named time columns;
+    /// refused ([`Refusal::KeyState`]) when the key is not in `from`.
+    SetKeyState {
+        kid: String,
+        from: &'static str,
+        to: &'static str,
+        activated_at: Option<i64>,
+        retire_at: Option<i64>,
+        retired_at: Option<i64>,
+    },
+    /// Records that a retired key was removed from the device.
+    KeyDestroyed {
+        kid: String,
+        at: i64,
     },
 }
 
@@ -305,10 +329,54 @@ async fn apply_op(tx: &mut Transaction<'_, Sqlite>, op: &WriteOp) -> Result<u64,
             .execute(&mut **tx)
             .await?
         }
+        WriteOp::Redeem { jti, at, proof } => return redeem(tx, jti, *at, proof.as_ref()).await,
+        WriteOp::SetKeyState {
+            kid,
+            from,
+            to,
+            activated_at,
+            retire_at,
+            retired_at,
+        } => {
+            let r = sqlx::query(
+                "UPDATE signing_keys SET state = ?,
+                    activated_at = coalesce(?, activated_at),
+                    retire_at = coalesce(?, retire_at),
+                    retired_at = coalesce(?, retired_at),
+                    activate_at = CASE WHEN ? = 'next' THEN activate_at ELSE NULL END
+                 WHERE kid = ? AND state = ?",
+            )
+            .bind(to)
+            .bind(activated_at)
+            .bind(retire_at)
+            .bind(retired_at)
+            .bind(to)
+            .bind(kid)
+            .bind(from)
+            .execute(&mut **tx)
+            .await?;
+            if r.rows_affected() == 0 {
+                return Err(StoreError::Refused(Refusal::KeyState));
+            }
+            r
+        }
+        WriteOp::KeyDestroyed { kid, at } => {
+            let r = sqlx::query(
+                "UPDATE signing_keys SET destroyed_at = ? WHERE kid = ? AND state = 'retired' AND destroyed_at IS NULL",
+            )
+            .bind(at)
+            .bind(kid)
+            .execute(&mut **tx)
+            .await?;
+            if r.rows_affected() == 0 {
+                return Err(StoreError::Refused(Refusal::KeyState));
+            }
+            r
+        }
         WriteOp::InsertSigningKey(k) => {
             sqlx::query(
-                "INSERT INTO signing_keys (kid, uri, backend, state, jwk, certificate, created_at, activated_at, retire_at)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO signing_keys (kid, uri, backend, state, jwk, certificate, created_at, activated_at, retire_at, activate_at)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             )
             .bind(&k.kid)
             .bind(&k.uri)
@@ -319,9 +387,52 @@ async fn apply_op(tx: &mut Transaction<'_, Sqlite>, op: &WriteOp) -> Result<u64,
             .bind(k.created_at)
             .bind(k.activated_at)
             .bind(k.retire_at)
+            .bind(k.activate_at)
             .execute(&mut **tx)
             .await?
         }
     };
     Ok(done.rows_affected())
+}
+
+/// The conditional redemption of [`WriteOp::Redeem`]; 1 when redeemed.
+async fn redeem(
+    tx: &mut Transaction<'_, Sqlite>,
+    jti: &str,
+    at: i64,
+    proof: Option<&(String, i64)>,
+) -> Result<u64, StoreError> {
+    if let Some((id, exp)) = proof {
+        let r = sqlx::query("INSERT OR IGNORE INTO dpop_proofs (id, exp) VALUES (?, ?)")
+            .bind(id)
+            .bind(exp)
+            .execute(&mut **tx)
+            .await?;
+        if r.rows_affected() == 0 {
+            return Err(StoreError::Refused(Refusal::DpopReplay));
+        }
+    }
+    // One statement decides: concurrent redemptions serialize on the write lock, and only the
+    // first finds `redeemed_at IS NULL`.
+    let r = sqlx::query(
+        "UPDATE issued_tokens SET redeemed_at = coalesce(redeemed_at, ?)
+         WHERE jti = ? AND revoked_at IS NULL AND (one_time = 0 OR redeemed_at IS NULL)",
+    )
+    .bind(at)
+    .bind(jti)
+    .execute(&mut **tx)
+    .await?;
+    if r.rows_affected() == 1 {
+        return Ok(1);
+    }
+    let state: Option<(Option<i64>, Option<i64>)> =
+        sqlx::query_as("SELECT revoked_at, redeemed_at FROM issued_tokens WHERE jti = ?")
+            .bind(jti)
+            .fetch_optional(&mut **tx)
+            .await?;
+    Err(match state {
+        None => StoreError::NotFound(format!("token {jti}")),
+        Some((Some(_), _)) => StoreError::Refused(Refusal::Revoked),
+        Some(_) => StoreError::Refused(Refusal::Redeemed),
+    })
 }

@@ -1,0 +1,237 @@
+//! Revocation: the revoke operation, the signed list, and the live event feed behind the
+//! Server-Sent Events stream.
+//!
+//! One feed task per process reads new revocations from the store (woken by a local revoke,
+//! and every second for revocations made by another process) and broadcasts them in `seq`
+//! order. A subscriber subscribes first and reads its backlog from the store second, so
+//! nothing committed can fall between the two; duplicates are dropped by `seq`.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use futures_util::Stream;
+use serde::Serialize;
+use tokio::sync::{Notify, broadcast, watch};
+
+use super::{Authority, AuthorityError, Principal, now};
+use crate::audit::AuditRecord;
+use crate::store::{Store, WriteOp};
+
+/// One revocation as the stream sends it (`data:` of an `event: revoked`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RevocationEvent {
+    pub jti: String,
+    pub exp: i64,
+    pub seq: i64,
+}
+
+/// How often the feed looks for revocations made by other processes.
+const POLL: Duration = Duration::from_secs(1);
+/// Events a slow subscriber may fall behind before it re-reads from the store.
+const CAPACITY: usize = 1024;
+
+pub(crate) struct Feed {
+    store: Store,
+    tx: broadcast::Sender<RevocationEvent>,
+    pub(crate) wake: Arc<Notify>,
+    /// Newest seq broadcast.
+    last: AtomicI64,
+    /// Set at shutdown: open streams end.
+    closed: watch::Sender<bool>,
+}
+
+impl Feed {
+    /// Starts the feed task; it stops when the feed is dropped.
+    pub(crate) async fn start(store: Store) -> Result<Arc<Feed>, AuthorityError> {
+        let last = store.revocation_seq().await?;
+        let feed = Arc::new(Feed {
+            store,
+            tx: broadcast::channel(CAPACITY).0,
+            wake: Arc::new(Notify::new()),
+            last: AtomicI64::new(last),
+            closed: watch::channel(false).0,
+        });
+        tokio::spawn(run(Arc::downgrade(&feed), feed.wake.clone()));
+        Ok(feed)
+    }
+}
+
+async fn run(feed: Weak<Feed>, wake: Arc<Notify>) {
+    loop {
+        // Waits without holding the feed, so dropping the authority ends this task.
+        let _ = tokio::time::timeout(POLL, wake.notified()).await;
+        let Some(f) = feed.upgrade() else { return };
+        let after = f.last.load(Ordering::Acquire);
+        match f.store.revocations(after, now()).await {
+            Ok(rows) => {
+                for (seq, jti, exp, _) in rows {
+                    f.last.store(seq, Ordering::Release);
+                    // No subscriber is not an error.
+                    let _ = f.tx.send(RevocationEvent { jti, exp, seq });
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "revocation feed cannot read the store"),
+        }
+    }
+}
+
+/// State of one subscriber's stream.
+struct Sub {
+    store: Store,
+    rx: broadcast::Receiver<RevocationEvent>,
+    closed: watch::Receiver<bool>,
+    buf: VecDeque<RevocationEvent>,
+    last: i64,
+}
+
+impl Sub {
+    async fn refill_from_store(&mut self) -> bool {
+        match self.store.revocations(self.last, now()).await {
+            Ok(rows) => {
+                self.buf.extend(
+                    rows.into_iter()
+                        .map(|(seq, jti, exp, _)| RevocationEvent { jti, exp, seq }),
+                );
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "revocation stream cannot read the store");
+                false
+            }
+        }
+    }
+
+    async fn next(&mut self) -> Option<RevocationEvent> {
+        loop {
+            if let Some(ev) = self.buf.pop_front() {
+                if ev.seq > self.last {
+                    self.last = ev.seq;
+                    return Some(ev);
+                }
+                continue;
+            }
+            if *self.closed.borrow() {
+                return None;
+            }
+            tokio::select! {
+                r = self.rx.recv() => match r {
+                    Ok(ev) => self.buf.push_back(ev),
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        if !self.refill_from_store().await {
+                            return None;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                },
+                _ = self.closed.changed() => return None,
+            }
+        }
+    }
+}
+
+impl Authority {
+    /// Revokes an issued token (idempotent: a second call answers the first revocation's
+    /// time). Unknown tokens are [`AuthorityError::NotFound`] and leave no audit entry.
+    pub async fn revoke(
+        &self,
+        who: &Principal,
+        jti: &str,
+        reason: Option<String>,
+        remote: &str,
+    ) -> Result<i64, AuthorityError> {
+        if let Some(r) = &reason {
+            if r.len() > 256 || r.chars().any(char::is_control) {
+                return Err(AuthorityError::BadRequest(
+                    "reason must be at most 256 printable bytes".into(),
+                ));
+            }
+        }
+        if jti.is_empty() || jti.len() > 64 {
+            return Err(AuthorityError::NotFound(format!("token {jti}")));
+        }
+        let at = now();
+        let op = WriteOp::Revoke {
+            jti: jti.to_owned(),
+            at,
+            reason,
+        };
+        let affected = self
+            .store
+            .write(
+                vec![op],
+                AuditRecord::new(&who.id, "token.revoke", jti, "success", remote),
+            )
+            .await?;
+        if affected.first().copied().unwrap_or(0) == 0 {
+            let earlier = self
+                .store
+                .issued_token(jti)
+                .await?
+                .and_then(|(_, s)| s.revoked_at);
+            return earlier.ok_or_else(|| AuthorityError::NotFound(format!("token {jti}")));
+        }
+        metrics::counter!("keygate_tokens_revoked_total").increment(1);
+        self.feed.wake.notify_one();
+        Ok(at)
+    }
+
+    /// The signed revocation list: unexpired revocations with `seq > after`.
+    pub async fn revocation_list(&self, after: i64) -> Result<String, AuthorityError> {
+        if after < 0 {
+            return Err(AuthorityError::BadRequest("after must not be negative".into()));
+        }
+        let now = now();
+        let seq = self.store.revocation_seq().await?;
+        let revoked = self
+            .store
+            .revocations(after, now)
+            .await?
+            .into_iter()
+            .map(|(_, jti, exp, revoked_at)| crate::token::Revoked { jti, exp, revoked_at })
+            .collect();
+        let list = crate::token::RevocationList {
+            iss: self.settings.issuer.clone(),
+            iat: now,
+            seq,
+            revoked,
+        };
+        let payload = serde_json::to_vec(&list).map_err(|e| AuthorityError::Internal(e.to_string()))?;
+        self.sign_compact(&self.key_ring().active, crate::token::TYP_REVOCATIONS, &payload)
+            .await
+    }
+
+    /// Every unexpired revocation with `seq > after`, then each new one as it is committed,
+    /// in `seq` order and without a gap. Ends at shutdown ([`Authority::close_streams`]).
+    pub async fn revocation_events(
+        &self,
+        after: i64,
+    ) -> Result<impl Stream<Item = RevocationEvent> + Send + 'static, AuthorityError> {
+        if after < 0 {
+            return Err(AuthorityError::BadRequest(
+                "Last-Event-ID must not be negative".into(),
+            ));
+        }
+        let mut sub = Sub {
+            store: self.store.clone(),
+            rx: self.feed.tx.subscribe(),
+            closed: self.feed.closed.subscribe(),
+            buf: VecDeque::new(),
+            last: after,
+        };
+        if !sub.refill_from_store().await {
+            return Err(AuthorityError::Store(crate::store::StoreError::Unavailable(
+                "cannot read revocations".into(),
+            )));
+        }
+        Ok(futures_util::stream::unfold(sub, |mut s| async move {
+            s.next().await.map(|ev| (ev, s))
+        }))
+    }
+
+    /// Ends every open revocation stream (graceful shutdown would wait for them forever).
+    pub fn close_streams(&self) {
+        self.feed.closed.send_replace(true);
+    }
+}
