@@ -173,13 +173,13 @@ async fn issuance(config: &Config, sessions: usize, clients: usize, secs: u64) -
 /// A bare HTTP/1.1 keep-alive connection that sends one prebuilt request again and again:
 /// the lightest load generator we can write, so the run measures the server rather than an
 /// HTTP client library sharing its two cores.
-struct LoadConn {
+pub(super) struct LoadConn {
     stream: tokio::net::TcpStream,
     buf: Vec<u8>,
 }
 
 impl LoadConn {
-    async fn connect(addr: std::net::SocketAddr) -> anyhow::Result<LoadConn> {
+    pub(super) async fn connect(addr: std::net::SocketAddr) -> anyhow::Result<LoadConn> {
         let stream = tokio::net::TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
         Ok(LoadConn {
@@ -189,7 +189,7 @@ impl LoadConn {
     }
 
     /// Sends `request` and reads one whole response; returns its status code.
-    async fn round_trip(&mut self, request: &[u8]) -> anyhow::Result<u16> {
+    pub(super) async fn round_trip(&mut self, request: &[u8]) -> anyhow::Result<u16> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         self.stream.write_all(request).await?;
         self.buf.clear();
@@ -252,6 +252,7 @@ struct Run {
     raw_n: f64,
     e2e1: Issuance,
     e2e_n: Issuance,
+    redeem: super::bench_lifecycle::Redemption,
 }
 
 pub async fn run(a: BenchArgs, config: Config) -> anyhow::Result<()> {
@@ -312,6 +313,9 @@ pub async fn run(a: BenchArgs, config: Config) -> anyhow::Result<()> {
         } else {
             (raw1, e2e1.clone())
         };
+        let tokens = (secs as usize * 6000).min(40_000);
+        let redeem = super::bench_lifecycle::redemption(&config, tokens, a.clients, secs).await?;
+        eprintln!("  run {r}: redeem {:.0}/s", redeem.rate);
         if n > 1 {
             eprintln!(
                 "  run {r}: raw 1 {raw1:.0}/s, issue 1 {:.0}/s ({:.2}); raw {n} {raw_n:.0}/s, issue {n} {:.0}/s ({:.2})",
@@ -332,8 +336,10 @@ pub async fn run(a: BenchArgs, config: Config) -> anyhow::Result<()> {
             raw_n,
             e2e1,
             e2e_n,
+            redeem,
         });
     }
+    let sse = super::bench_lifecycle::revocation_to_event(&config, 200).await?;
 
     // Offline verification, one core, all contenders interleaved.
     let verifier = Verifier::new(&jwks, VerifierConfig::new(config.issuer(), "bench"))?;
@@ -372,6 +378,13 @@ pub async fn run(a: BenchArgs, config: Config) -> anyhow::Result<()> {
     let (p50_1, p99_1) = (med(&|r| r.e2e1.p50_ms), med(&|r| r.e2e1.p99_ms));
     let (p50_n, p99_n) = (med(&|r| r.e2e_n.p50_ms), med(&|r| r.e2e_n.p99_ms));
     let errors: u64 = all.iter().map(|r| r.e2e1.errors + r.e2e_n.errors).sum();
+    let (red, red_p50, red_p99) = (
+        med(&|r| r.redeem.rate),
+        med(&|r| r.redeem.p50_ms),
+        med(&|r| r.redeem.p99_ms),
+    );
+    let red_errors: u64 = all.iter().map(|r| r.redeem.errors).sum();
+    let r_redeem = med(&|r| r.redeem.rate / r.raw1);
     let r_issue1 = med(&|r| r.e2e1.rate / r.raw1);
     let r_issue_n = med(&|r| r.e2e_n.rate / r.raw_n);
     let r_verify = keygate_rate / fastest.1;
@@ -390,6 +403,14 @@ pub async fn run(a: BenchArgs, config: Config) -> anyhow::Result<()> {
         );
     }
     println!("failed issuance requests     {errors:>8}");
+    println!(
+        "one-time redemption          {red:>8.0} /s   p50 {red_p50:.2} ms   p99 {red_p99:.2} ms   ({c} clients)"
+    );
+    println!("failed redemptions           {red_errors:>8}");
+    println!(
+        "revocation -> SSE event      p50 {:.2} ms   p99 {:.2} ms   max {:.2} ms   ({} revocations, target <= 100 ms)",
+        sse.p50_ms, sse.p99_ms, sse.max_ms, sse.samples
+    );
     println!("verify, keygate verifier     {keygate_rate:>8.0} /s per core");
     println!("verify, raw aws-lc-rs        {aws_rate:>8.0} /s per core");
     println!("verify, raw ring             {ring_rate:>8.0} /s per core");
@@ -402,6 +423,7 @@ pub async fn run(a: BenchArgs, config: Config) -> anyhow::Result<()> {
         "ratio verify/fastest raw ({}): {r_verify:.2}  (target >= 0.9)",
         fastest.0
     );
+    println!("ratio redemption/raw sign, 1 session: {r_redeem:.2}  (no signature: bound by the store)");
     if a.markdown {
         println!();
         println!("| measurement (median of {runs} runs) | rate | ratio |");
@@ -421,6 +443,13 @@ pub async fn run(a: BenchArgs, config: Config) -> anyhow::Result<()> {
         println!(
             "| verify, keygate verifier, 1 core | {keygate_rate:.0}/s | {r_verify:.2} of {} |",
             fastest.0
+        );
+        println!(
+            "| one-time redemption over HTTP, {c} clients | {red:.0}/s (p50 {red_p50:.2} ms, p99 {red_p99:.2} ms) | {r_redeem:.2} of raw sign, 1 session |"
+        );
+        println!(
+            "| revocation → SSE event ({} samples) | p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms | target ≤ 100 ms |",
+            sse.samples, sse.p50_ms, sse.p99_ms, sse.max_ms
         );
         println!("| verify, raw aws-lc-rs, 1 core | {aws_rate:.0}/s | |");
         println!("| verify, raw ring, 1 core | {ring_rate:.0}/s | |");
