@@ -184,7 +184,7 @@ impl CachingVerifier {
 #[tokio::test(flavor = "multi_thread")]
 async fn two_scheduled_rotations_under_load_fail_no_verification() {
     let env = Env::with_toml(
-        "[tokens]\ndefault_ttl_seconds = 2\nmax_ttl_seconds = 2\n[rotation]\nrotate_every_seconds = 5\npublish_lead_seconds = 2\njwks_max_age_seconds = 1\ncheck_every_ms = 100\n",
+        "[tokens]\ndefault_ttl_seconds = 2\nmax_ttl_seconds = 2\n[rotation]\nrotate_every_seconds = 5\npublish_lead_seconds = 2\njwks_max_age_seconds = 1\ncheck_every_ms = 100\n[audit]\ncheckpoint_every_seconds = 1\n",
     )
     .await;
     let log = env.dir.path().join("serve.log");
@@ -302,5 +302,26 @@ async fn two_scheduled_rotations_under_load_fail_no_verification() {
         String::from_utf8_lossy(&rotated.stderr)
     );
     assert_eq!(out.trim().lines().count(), 1, "{out}");
+    // The audit chain, with checkpoints signed by every key in turn, verifies against the
+    // JWKS published now: older checkpoints by rotated-out keys are covered by the newest.
+    let jwks_file = env.dir.path().join("jwks-now.json");
+    let now = reqwest::get(format!("{base}/.well-known/jwks.json"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    std::fs::write(&jwks_file, now).unwrap();
     server.stop();
+    let out = env
+        .keygate()
+        .args(["audit", "verify", "--jwks", jwks_file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("rotated out"),
+        "checkpoints by retired keys were expected: {err}"
+    );
 }

@@ -6,7 +6,7 @@ use clap::Args;
 use crate::audit::{checkpoint_message, verify_chain};
 use crate::config::Config;
 use crate::store::Store;
-use crate::token::{Jwk, JwkSet, Verifier, VerifierConfig, b64};
+use crate::token::{Jwk, JwkSet, Verifier, VerifierConfig, VerifyError, b64};
 
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
@@ -47,22 +47,28 @@ pub async fn verify(args: VerifyArgs, config: &Config) -> anyhow::Result<()> {
 }
 
 async fn check(store: &Store, args: VerifyArgs) -> anyhow::Result<(i64, usize, Option<i64>)> {
+    // The keys recorded in this database, every state (checkpoints signed by keys retired
+    // since are checked against these).
+    let recorded = JwkSet {
+        keys: store
+            .signing_keys()
+            .await?
+            .iter()
+            .filter_map(|k| serde_json::from_str::<Jwk>(&k.jwk).ok())
+            .collect(),
+    };
     let jwks = match &args.jwks {
         Some(loc) => super::verify::load_jwks(loc).await?,
-        None => {
-            let keys = store.signing_keys().await?;
-            let keys = keys
-                .iter()
-                .filter_map(|k| serde_json::from_str::<Jwk>(&k.jwk).ok())
-                .collect();
-            JwkSet { keys }
-        }
+        None => recorded.clone(),
     };
     let checkpoints = store.checkpoints(0, i64::MAX).await?;
-    let verifier = if checkpoints.is_empty() {
-        None
+    let (verifier, recorded) = if checkpoints.is_empty() {
+        (None, None)
     } else {
-        Some(Verifier::new(&jwks, VerifierConfig::new("", ""))?)
+        (
+            Some(Verifier::new(&jwks, VerifierConfig::new("", ""))?),
+            Verifier::new(&recorded, VerifierConfig::new("", "")).ok(),
+        )
     };
     let (mut after, mut head) = (0i64, None::<(i64, String)>);
     let mut next_cp = checkpoints.iter().peekable();
@@ -92,16 +98,37 @@ async fn check(store: &Store, args: VerifyArgs) -> anyhow::Result<(i64, usize, O
             cp.seq
         );
     }
+    let mut by_retired = 0;
     if let Some(v) = &verifier {
-        for cp in &checkpoints {
+        for (i, cp) in checkpoints.iter().enumerate() {
             let sig = b64::decode(&cp.signature).unwrap_or_default();
-            if let Err(e) = v.verify_detached(&cp.kid, &checkpoint_message(cp.seq, &cp.hash), &sig) {
+            let msg = checkpoint_message(cp.seq, &cp.hash);
+            let newest = i + 1 == checkpoints.len();
+            let checked = match v.verify_detached(&cp.kid, &msg, &sig) {
+                // A key rotated out of the JWKS since: the newest checkpoint, signed by a
+                // published key, vouches for the whole chain before it; older ones are
+                // checked against the recorded keys.
+                Err(VerifyError::UnknownKid(_)) if args.jwks.is_some() && !newest => {
+                    by_retired += 1;
+                    match &recorded {
+                        Some(r) => r.verify_detached(&cp.kid, &msg, &sig),
+                        None => Err(VerifyError::UnknownKid(cp.kid.clone())),
+                    }
+                }
+                other => other,
+            };
+            if let Err(e) = checked {
                 bail!(
                     "audit log broken: the checkpoint at entry {} does not verify: {e}",
                     cp.seq
                 );
             }
         }
+    }
+    if by_retired > 0 {
+        eprintln!(
+            "keygate: {by_retired} older checkpoint(s) are signed by keys no longer in the JWKS (rotated out); checked against the keys recorded in this database, and covered by the newest checkpoint"
+        );
     }
     if args.jwks.is_none() && !checkpoints.is_empty() {
         eprintln!(
