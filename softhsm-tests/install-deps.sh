@@ -16,6 +16,8 @@ command -v swtpm_setup >/dev/null || need+=(swtpm-tools)
 command -v tpm2_getcap >/dev/null || need+=(tpm2-tools)
 pkg-config --exists tss2-esys 2>/dev/null || need+=(libtss2-dev)
 command -v cc >/dev/null || need+=(gcc)
+# the README's walk-through shapes JSON with jq
+command -v jq >/dev/null || need+=(jq)
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
