@@ -193,3 +193,41 @@ async fn a_revoked_token_is_refused_by_redeem_introspection_and_the_offline_veri
         Err(VerifyError::Revoked(_))
     ));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_ends_open_streams_and_the_server_exits() {
+    let env = Env::new().await;
+    let log = env.dir.path().join("serve.log");
+    let mut server = crate::common::Server::start(&env, &log, &[]).await;
+    let base = env.base_url();
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(SseClient::connect(&base, None).await);
+    }
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    // Without closing the streams, the graceful shutdown would wait for them forever.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = server.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "keygate serve did not exit with event streams open"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(status.success(), "{status}");
+    for c in &mut clients {
+        assert_eq!(c.next(Duration::from_secs(2)).await, None, "the stream ended");
+    }
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        log.contains("signed audit checkpoint"),
+        "the shutdown checkpoint was made"
+    );
+}
