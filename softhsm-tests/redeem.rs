@@ -273,12 +273,7 @@ async fn bad_expired_unknown_and_revoked_tokens_are_refused_with_a_reason() {
     );
     // revoked
     let r = issue(&base, &env.admin, json!({"subject": "n", "audience": "fleet"})).await;
-    let revoked = reqwest::Client::new()
-        .post(format!("{base}/v1/tokens/{}/revoke", r["jti"].as_str().unwrap()))
-        .bearer_auth(&env.admin)
-        .send()
-        .await
-        .unwrap();
+    let revoked = crate::common::revoke(&base, &env.admin, r["jti"].as_str().unwrap(), None).await;
     assert_eq!(revoked.status(), 200);
     let (s, p) = redeem(&base, json!({"token": r["token"]}), None).await;
     assert_eq!(s, 401);

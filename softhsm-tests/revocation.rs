@@ -3,17 +3,7 @@
 use keygate::token::{Verifier, VerifierConfig, VerifyError, jws};
 use serde_json::{Value, json};
 
-use crate::common::{Env, create_api_token, get_authed, introspect, issue, jwks};
-
-async fn revoke(base: &str, api: &str, jti: &str, body: Option<Value>) -> reqwest::Response {
-    let mut r = reqwest::Client::new()
-        .post(format!("{base}/v1/tokens/{jti}/revoke"))
-        .bearer_auth(api);
-    if let Some(b) = body {
-        r = r.json(&b);
-    }
-    r.send().await.unwrap()
-}
+use crate::common::{Env, create_api_token, get_authed, introspect, issue, jwks, revoke};
 
 async fn revocations(base: &str, query: &str) -> reqwest::Response {
     reqwest::get(format!("{base}/v1/revocations{query}"))

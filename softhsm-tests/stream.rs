@@ -76,13 +76,7 @@ impl SseClient {
 }
 
 async fn revoke(base: &str, api: &str, jti: &str) {
-    let r = reqwest::Client::new()
-        .post(format!("{base}/v1/tokens/{jti}/revoke"))
-        .bearer_auth(api)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(crate::common::revoke(base, api, jti, None).await.status(), 200);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -338,6 +338,22 @@ pub async fn delete_authed(base: &str, path: &str, api_token: &str) -> reqwest::
         .unwrap()
 }
 
+/// `POST /v1/tokens/{jti}/revoke` with `api_token`, and `body` as JSON when given.
+pub async fn revoke(
+    base: &str,
+    api_token: &str,
+    jti: &str,
+    body: Option<serde_json::Value>,
+) -> reqwest::Response {
+    let mut r = reqwest::Client::new()
+        .post(format!("{base}/v1/tokens/{jti}/revoke"))
+        .bearer_auth(api_token);
+    if let Some(b) = body {
+        r = r.json(&b);
+    }
+    r.send().await.unwrap()
+}
+
 /// RFC 7662 introspection of `token`, sent as a form (RFC 7662 §2.1).
 pub async fn introspect(base: &str, api_token: &str, token: &str) -> serde_json::Value {
     reqwest::Client::new()

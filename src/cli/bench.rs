@@ -94,21 +94,7 @@ async fn issuance(config: &Config, sessions: usize, clients: usize, secs: u64) -
             "local",
         )
         .await?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let listener_addr = listener.local_addr()?;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let router = service.router.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-        )
-        .with_graceful_shutdown(async {
-            let _ = stop_rx.await;
-        })
-        .await
-    });
-    let addr = listener_addr;
+    let (addr, stop_tx) = super::bench_lifecycle::serve(&service).await?;
     let body = r#"{"subject":"bench-node","audience":"bench","ttl_seconds":300}"#;
     let request: Arc<[u8]> = format!(
         "POST /v1/tokens HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
@@ -157,7 +143,6 @@ async fn issuance(config: &Config, sessions: usize, clients: usize, secs: u64) -
     }
     let elapsed = started.elapsed().as_secs_f64();
     let _ = stop_tx.send(());
-    let _ = server.await;
     let _ = service
         .authority
         .delete_api_token("bench", &api.id, "local")

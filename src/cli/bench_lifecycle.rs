@@ -37,7 +37,7 @@ fn admin() -> Principal {
 }
 
 /// Serves `service` on a loopback port until the returned sender is dropped or fired.
-async fn serve(
+pub(super) async fn serve(
     service: &super::Service,
 ) -> anyhow::Result<(std::net::SocketAddr, tokio::sync::oneshot::Sender<()>)> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

@@ -171,10 +171,21 @@ async fn lifecycle_tasks(authority: Arc<Authority>, every: std::time::Duration) 
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut n: u64 = 0;
+    // After a failure (a full TPM, an unreachable HSM), wait longer before the next try,
+    // up to 5 minutes, rather than asking the device again every tick.
+    let mut backoff = std::time::Duration::ZERO;
     loop {
         tick.tick().await;
-        if let Err(e) = authority.rotation_tick().await {
-            tracing::warn!(error = %e, "key rotation step failed; retrying");
+        match authority.rotation_tick().await {
+            Ok(()) => backoff = std::time::Duration::ZERO,
+            Err(e) => {
+                backoff = (backoff * 2).clamp(
+                    std::time::Duration::from_secs(5),
+                    std::time::Duration::from_secs(300),
+                );
+                tracing::warn!(error = %e, retry_in_s = backoff.as_secs(), "key rotation step failed");
+                tokio::time::sleep(backoff).await;
+            }
         }
         n += 1;
         if n % 60 == 0 {
