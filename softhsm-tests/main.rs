@@ -5,6 +5,7 @@
 #[macro_use]
 mod common;
 
+mod attest;
 mod audit;
 mod auth;
 mod badinput;
