@@ -69,6 +69,36 @@ fn activate(tcti: &str, dir: &Path, blob: &[u8]) -> Option<Vec<u8>> {
         .then(|| std::fs::read(dir.join("secret.out")).unwrap())
 }
 
+/// `tpm2_createak` under the EK: an ECDSA P-256 AK in `<stem>.ctx`, `.pub` (TPM2B_PUBLIC),
+/// `.name` and `.priv`.
+fn create_ak(tcti: &str, dir: &Path, stem: &str) {
+    let f = |ext: &str| format!("{stem}.{ext}");
+    let (ctx, public, name, private) = (f("ctx"), f("pub"), f("name"), f("priv"));
+    ok(tool(
+        tcti,
+        dir,
+        &[
+            "tpm2_createak",
+            "-C",
+            "ek.ctx",
+            "-c",
+            &ctx,
+            "-G",
+            "ecc",
+            "-g",
+            "sha256",
+            "-s",
+            "ecdsa",
+            "-u",
+            &public,
+            "-n",
+            &name,
+            "-r",
+            &private,
+        ],
+    ));
+}
+
 fn credential_activates_on_a_real_tpm(ek_type: &str) {
     let tpm = Swtpm::start();
     let tcti = tpm.tcti();
@@ -89,29 +119,7 @@ fn credential_activates_on_a_real_tpm(ek_type: &str) {
             "tss",
         ],
     ));
-    ok(tool(
-        &tcti,
-        d,
-        &[
-            "tpm2_createak",
-            "-C",
-            "ek.ctx",
-            "-c",
-            "ak.ctx",
-            "-G",
-            "ecc",
-            "-g",
-            "sha256",
-            "-s",
-            "ecdsa",
-            "-u",
-            "ak.pub",
-            "-n",
-            "ak.name",
-            "-r",
-            "ak.priv",
-        ],
-    ));
+    create_ak(&tcti, d, "ak");
     let ek = TpmPublic::from_tpm2b(&std::fs::read(d.join("ek.pub")).unwrap(), "ek_pub").unwrap();
     let ak = TpmPublic::from_tpm2b(&std::fs::read(d.join("ak.pub")).unwrap(), "ak_pub").unwrap();
     assert_eq!(
@@ -231,29 +239,7 @@ fn credential_activates_on_a_real_tpm(ek_type: &str) {
         Err(QuoteError::BadSignature)
     );
     // Signed by another AK of the same TPM: refused.
-    ok(tool(
-        &tcti,
-        d,
-        &[
-            "tpm2_createak",
-            "-C",
-            "ek.ctx",
-            "-c",
-            "ak2.ctx",
-            "-G",
-            "ecc",
-            "-g",
-            "sha256",
-            "-s",
-            "ecdsa",
-            "-u",
-            "ak2.pub",
-            "-n",
-            "ak2.name",
-            "-r",
-            "ak2.priv",
-        ],
-    ));
+    create_ak(&tcti, d, "ak2");
     let ak2 = TpmPublic::from_tpm2b(&std::fs::read(d.join("ak2.pub")).unwrap(), "ak_pub").unwrap();
     assert_eq!(
         verify_quote(&ak2, &msg, &sig, &nonce, (sha256, &pcrs), &values),

@@ -5,6 +5,7 @@
 mod credential;
 mod public;
 mod quote;
+mod reader;
 
 pub use credential::{Credential, kdfa, kdfe, make_credential};
 pub use public::{Attributes, KeyKind, TpmPublic};

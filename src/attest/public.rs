@@ -4,6 +4,7 @@
 
 use aws_lc_rs::digest;
 
+use super::reader::Reader;
 use super::{AttestError, alg, malformed};
 
 /// TPMA_OBJECT bits (Part 2, 8.3).
@@ -55,42 +56,6 @@ pub struct TpmPublic {
     pub raw: Vec<u8>,
 }
 
-/// A cursor over big-endian TPM marshalling.
-struct Reader<'a> {
-    buf: &'a [u8],
-    what: &'static str,
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], AttestError> {
-        if self.buf.len() < n {
-            return Err(malformed(self.what, "truncated"));
-        }
-        let (head, rest) = self.buf.split_at(n);
-        self.buf = rest;
-        Ok(head)
-    }
-    fn u16(&mut self) -> Result<u16, AttestError> {
-        let b = self.take(2)?;
-        Ok(u16::from_be_bytes([b[0], b[1]]))
-    }
-    fn u32(&mut self) -> Result<u32, AttestError> {
-        let b = self.take(4)?;
-        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-    }
-    /// A TPM2B: u16 size, then that many bytes (at most `max`).
-    fn tpm2b(&mut self, max: usize) -> Result<&'a [u8], AttestError> {
-        let n = self.u16()? as usize;
-        if n > max {
-            return Err(malformed(
-                self.what,
-                format!("a field of {n} bytes is over {max}"),
-            ));
-        }
-        self.take(n)
-    }
-}
-
 /// Digest size of a TCG hash algorithm.
 pub(crate) fn digest_alg(hash: u16) -> Result<&'static digest::Algorithm, AttestError> {
     match hash {
@@ -104,9 +69,9 @@ impl TpmPublic {
     /// Parses a marshalled `TPM2B_PUBLIC` (what `tpm2_createek -u`/`tpm2_createak -u` write
     /// in `tss` format). The whole input must be used.
     pub fn from_tpm2b(bytes: &[u8], what: &'static str) -> Result<TpmPublic, AttestError> {
-        let mut outer = Reader { buf: bytes, what };
+        let mut outer = Reader::new(bytes, what);
         let inner = outer.tpm2b(2048)?;
-        if !outer.buf.is_empty() {
+        if !outer.is_empty() {
             return Err(malformed(what, "bytes after the TPM2B_PUBLIC"));
         }
         if inner.is_empty() {
@@ -117,7 +82,7 @@ impl TpmPublic {
 
     /// Parses a marshalled `TPMT_PUBLIC` (no size prefix). The whole input must be used.
     pub fn from_tpmt(bytes: &[u8], what: &'static str) -> Result<TpmPublic, AttestError> {
-        let mut r = Reader { buf: bytes, what };
+        let mut r = Reader::new(bytes, what);
         let kind = r.u16()?;
         let name_alg = r.u16()?;
         digest_alg(name_alg)?;
@@ -180,7 +145,7 @@ impl TpmPublic {
                 ));
             }
         };
-        if !r.buf.is_empty() {
+        if !r.is_empty() {
             return Err(malformed(what, "bytes after the public area"));
         }
         Ok(TpmPublic {

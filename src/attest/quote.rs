@@ -13,6 +13,7 @@ use aws_lc_rs::signature::{
 };
 
 use super::public::{CURVE_P384, digest_alg};
+use super::reader::Reader;
 use super::{AttestError, KeyKind, TpmPublic, alg, malformed};
 
 const TPM_GENERATED_VALUE: u32 = 0xff54_4347;
@@ -45,50 +46,6 @@ pub struct Quote {
     pub restart_count: u32,
 }
 
-struct Reader<'a> {
-    buf: &'a [u8],
-    what: &'static str,
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], AttestError> {
-        if self.buf.len() < n {
-            return Err(malformed(self.what, "truncated"));
-        }
-        let (h, t) = self.buf.split_at(n);
-        self.buf = t;
-        Ok(h)
-    }
-    fn u8(&mut self) -> Result<u8, AttestError> {
-        Ok(self.take(1)?[0])
-    }
-    fn u16(&mut self) -> Result<u16, AttestError> {
-        let b = self.take(2)?;
-        Ok(u16::from_be_bytes([b[0], b[1]]))
-    }
-    fn u32(&mut self) -> Result<u32, AttestError> {
-        let b = self.take(4)?;
-        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-    }
-    fn tpm2b(&mut self, max: usize) -> Result<&'a [u8], AttestError> {
-        let n = self.u16()? as usize;
-        if n > max {
-            return Err(malformed(
-                self.what,
-                format!("a field of {n} bytes is over {max}"),
-            ));
-        }
-        self.take(n)
-    }
-    fn done(&self) -> Result<(), AttestError> {
-        if self.buf.is_empty() {
-            Ok(())
-        } else {
-            Err(malformed(self.what, "trailing bytes"))
-        }
-    }
-}
-
 /// Left-pads a big-endian number to `n` bytes (TPM ECDSA r and s may be shorter).
 fn pad(v: &[u8], n: usize) -> Option<Vec<u8>> {
     let v = &v[v.iter().take_while(|b| **b == 0).count()..];
@@ -101,10 +58,7 @@ fn pad(v: &[u8], n: usize) -> Option<Vec<u8>> {
 
 /// Checks `signature` (TPMT_SIGNATURE) over `message` with the AK; returns the hash used.
 fn check_signature(ak: &TpmPublic, message: &[u8], signature: &[u8]) -> Result<u16, QuoteError> {
-    let mut r = Reader {
-        buf: signature,
-        what: "signature",
-    };
+    let mut r = Reader::new(signature, "signature");
     let sig_alg = r.u16()?;
     let hash = r.u16()?;
     let (alg_v, key, sig): (&dyn VerificationAlgorithm, Vec<u8>, Vec<u8>) = match (&ak.key, sig_alg) {
@@ -160,10 +114,7 @@ struct ParsedQuote {
 
 /// Parses a TPMS_ATTEST that must be a TPM-generated quote; the whole input is used.
 fn parse_quote(attest: &[u8]) -> Result<ParsedQuote, QuoteError> {
-    let mut r = Reader {
-        buf: attest,
-        what: "quote",
-    };
+    let mut r = Reader::new(attest, "quote");
     if r.u32()? != TPM_GENERATED_VALUE || r.u16()? != TPM_ST_ATTEST_QUOTE {
         return Err(QuoteError::NotAQuote);
     }
@@ -176,22 +127,14 @@ fn parse_quote(attest: &[u8]) -> Result<ParsedQuote, QuoteError> {
     r.take(8)?; // firmwareVersion
     let count = r.u32()?;
     if count > 16 {
-        return Err(AttestError::Malformed {
-            what: "quote",
-            why: format!("{count} PCR banks"),
-        }
-        .into());
+        return Err(malformed("quote", format!("{count} PCR banks")).into());
     }
     let mut selection = Vec::new();
     for _ in 0..count {
         let hash = r.u16()?;
         let size = r.u8()? as usize;
         if size > 8 {
-            return Err(AttestError::Malformed {
-                what: "quote",
-                why: "PCR select over 8 bytes".into(),
-            }
-            .into());
+            return Err(malformed("quote", "PCR select over 8 bytes").into());
         }
         let bits = r.take(size)?;
         let mut indices = Vec::new();
@@ -226,11 +169,7 @@ pub fn verify_quote(
     values: &BTreeMap<u32, Vec<u8>>,
 ) -> Result<Quote, QuoteError> {
     if attest.len() > 4096 {
-        return Err(AttestError::Malformed {
-            what: "quote",
-            why: "longer than 4096 bytes".into(),
-        }
-        .into());
+        return Err(malformed("quote", "longer than 4096 bytes").into());
     }
     let sig_hash = check_signature(ak, attest, signature)?;
     let parsed = parse_quote(attest)?;
