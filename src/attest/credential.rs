@@ -44,7 +44,8 @@ impl Credential {
     }
 }
 
-fn tpm2b(v: &[u8]) -> Vec<u8> {
+/// A marshalled TPM2B: big-endian u16 size, then `v`.
+pub(crate) fn tpm2b(v: &[u8]) -> Vec<u8> {
     let mut out = (v.len() as u16).to_be_bytes().to_vec();
     out.extend_from_slice(v);
     out
@@ -227,13 +228,7 @@ mod tests {
 
     #[test]
     fn credential_shape() {
-        let sk = p256::SecretKey::from_slice(&[5u8; 32]).unwrap();
-        let point = sk.public_key().to_sec1_bytes();
-        let t = super::super::public::tests::ecc_ek_tpmt(
-            point[1..33].try_into().unwrap(),
-            point[33..65].try_into().unwrap(),
-        );
-        let ek = TpmPublic::from_tpmt(&t, "ek_pub").unwrap();
+        let ek = super::super::public::tests::sample_ecc_ek();
         let name = [0x00, 0x0b].iter().copied().chain([7u8; 32]).collect::<Vec<_>>();
         let c = make_credential(&ek, &name, &[9u8; 32]).unwrap();
         // TPM2B(TPM2B(hmac 32) || 2 + 32 encrypted) and TPM2B(x 32, y 32)

@@ -287,6 +287,17 @@ pub(crate) mod tests {
         v
     }
 
+    /// A parsed P-256 EK (L-2 template) for a fixed test key.
+    pub(crate) fn sample_ecc_ek() -> TpmPublic {
+        let sk = p256::SecretKey::from_slice(&[5u8; 32]).unwrap();
+        let point = sk.public_key().to_sec1_bytes();
+        let t = ecc_ek_tpmt(
+            point[1..33].try_into().unwrap(),
+            point[33..65].try_into().unwrap(),
+        );
+        TpmPublic::from_tpmt(&t, "ek_pub").unwrap()
+    }
+
     #[test]
     fn parses_and_refuses_truncated_oversized_and_wrong_types() {
         let t = ecc_ek_tpmt(&[1; 32], &[2; 32]);

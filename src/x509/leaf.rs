@@ -86,32 +86,38 @@ pub fn check_csr(pem: &str) -> Result<SubjectPublicKeyInfo, CsrError> {
     Ok(req.info.public_key)
 }
 
+/// (header length, content length) of the DER TLV at the start of `b`.
+fn tlv_header(b: &[u8]) -> Option<(usize, usize)> {
+    let first = *b.get(1)?;
+    if first < 0x80 {
+        return Some((2, first as usize));
+    }
+    let n = (first & 0x7f) as usize;
+    if n == 0 || n > 4 {
+        return None;
+    }
+    let len = b
+        .get(2..2 + n)?
+        .iter()
+        .fold(0usize, |a, &x| (a << 8) | x as usize);
+    Some((2 + n, len))
+}
+
+/// The DER TLV at the start of `b`, tag and length included (`None` when `b` is shorter
+/// than its length says).
+pub(crate) fn first_tlv(b: &[u8]) -> Option<&[u8]> {
+    let (h, len) = tlv_header(b)?;
+    b.get(..h.checked_add(len)?)
+}
+
 /// The first element inside a DER SEQUENCE, tag and length included: the bytes a PKCS#10
 /// signature covers, exactly as the client encoded them.
-fn first_element(der: &[u8]) -> Option<&[u8]> {
-    fn header(b: &[u8]) -> Option<(usize, usize)> {
-        // (header length, content length) of the TLV at the start of `b`.
-        let first = *b.get(1)?;
-        if first < 0x80 {
-            return Some((2, first as usize));
-        }
-        let n = (first & 0x7f) as usize;
-        if n == 0 || n > 4 {
-            return None;
-        }
-        let len = b
-            .get(2..2 + n)?
-            .iter()
-            .fold(0usize, |a, &x| (a << 8) | x as usize);
-        Some((2 + n, len))
-    }
+pub(crate) fn first_element(der: &[u8]) -> Option<&[u8]> {
     if der.first() != Some(&0x30) {
         return None;
     }
-    let (outer_header, _) = header(der)?;
-    let inner = der.get(outer_header..)?;
-    let (h, len) = header(inner)?;
-    inner.get(..h.checked_add(len)?)
+    let (outer_header, _) = tlv_header(der)?;
+    first_tlv(der.get(outer_header..)?)
 }
 
 /// An end-entity profile: CA:FALSE, digitalSignature, clientAuth and serverAuth, with the

@@ -4,6 +4,7 @@
 mod leaf;
 
 pub use leaf::{CsrError, check_csr, issue_end_entity};
+pub(crate) use leaf::{first_element, first_tlv};
 
 use std::str::FromStr;
 use std::time::Duration;
