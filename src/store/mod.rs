@@ -5,6 +5,7 @@
 //! transaction and commits concurrent writes together (group commit): a write is durable,
 //! and audited, before the caller hears "done", without one `fsync` per request.
 
+mod enroll;
 mod rows;
 mod writer;
 
@@ -16,7 +17,8 @@ use sqlx::{Row, SqlitePool};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::audit::{AuditEntry, AuditRecord};
-pub use rows::{ApiTokenRow, IssuedToken, SigningKeyRow, TokenStatus};
+pub use enroll::EnrollOp;
+pub use rows::{ApiTokenRow, EnrollmentRow, IssuedToken, MachineRow, SigningKeyRow, TokenStatus};
 pub use writer::WriteOp;
 
 /// Store failures. `Unavailable` maps to 503; `Conflict` to 409.
@@ -46,6 +48,10 @@ pub enum Refusal {
     Redeemed,
     #[error("the key is not in the expected state")]
     KeyState,
+    #[error("the enrollment was used already or has expired")]
+    EnrollmentUsed,
+    #[error("the machine is revoked")]
+    MachineRevoked,
 }
 
 impl From<sqlx::Error> for StoreError {

@@ -133,3 +133,57 @@ pub(super) fn audit_from_row(r: &SqliteRow) -> Result<AuditEntry, StoreError> {
         hash: r.try_get("hash")?,
     })
 }
+
+/// An enrollment challenge as recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnrollmentRow {
+    pub id: String,
+    pub ek_hash: String,
+    /// Marshalled TPM2B_PUBLIC of the AK.
+    pub ak_pub: Vec<u8>,
+    /// SHA-256 of the credential secret.
+    pub secret_hash: Vec<u8>,
+    pub nonce: Vec<u8>,
+    pub pcr_selection: String,
+    pub created_at: i64,
+    pub expires_at: i64,
+    pub used_at: Option<i64>,
+}
+
+impl EnrollmentRow {
+    pub(super) fn from_row(r: &SqliteRow) -> Result<Self, StoreError> {
+        Ok(EnrollmentRow {
+            id: r.try_get("id")?,
+            ek_hash: r.try_get("ek_hash")?,
+            ak_pub: r.try_get("ak_pub")?,
+            secret_hash: r.try_get("secret_hash")?,
+            nonce: r.try_get("nonce")?,
+            pcr_selection: r.try_get("pcr_selection")?,
+            created_at: r.try_get("created_at")?,
+            expires_at: r.try_get("expires_at")?,
+            used_at: r.try_get("used_at")?,
+        })
+    }
+}
+
+/// A machine (its EK), registered by an operator or enrolled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MachineRow {
+    pub ek_hash: String,
+    pub name: Option<String>,
+    pub registered_at: Option<i64>,
+    pub enrolled_at: Option<i64>,
+    pub revoked_at: Option<i64>,
+}
+
+impl MachineRow {
+    pub(super) fn from_row(r: &SqliteRow) -> Result<Self, StoreError> {
+        Ok(MachineRow {
+            ek_hash: r.try_get("ek_hash")?,
+            name: r.try_get("name")?,
+            registered_at: r.try_get("registered_at")?,
+            enrolled_at: r.try_get("enrolled_at")?,
+            revoked_at: r.try_get("revoked_at")?,
+        })
+    }
+}

@@ -64,6 +64,8 @@ pub enum WriteOp {
         kid: String,
         at: i64,
     },
+    /// Challenges and machines (`enroll.rs`).
+    Enroll(super::EnrollOp),
 }
 
 /// (seq, hash) of the last audit entry, read through `exec`.
@@ -330,6 +332,7 @@ async fn apply_op(tx: &mut Transaction<'_, Sqlite>, op: &WriteOp) -> Result<u64,
             .await?
         }
         WriteOp::Redeem { jti, at, proof } => return redeem(tx, jti, *at, proof.as_ref()).await,
+        WriteOp::Enroll(op) => return super::enroll::apply(tx, op).await,
         WriteOp::SetKeyState {
             kid,
             from,
