@@ -1,6 +1,6 @@
 //! Configuration: TOML with `deny_unknown_fields`, then the environment overrides
-//! `KEYGATE_DATA_DIR`, `KEYGATE_LISTEN`, `KEYGATE_BACKEND` and `KEYGATE_TPM_TCTI`
-//! (`KEYGATE_CONFIG` names the file).
+//! `KEYGATE_DATA_DIR`, `KEYGATE_LISTEN`, `KEYGATE_BACKEND`, `KEYGATE_TPM_TCTI`, `KEYGATE_ENROLL_MODE`
+//! and `KEYGATE_ENROLL_CA_DIR` (`KEYGATE_CONFIG` names the file).
 //!
 //! With no file at all keygate runs on its embedded defaults: a SoftHSM2 token and an SQLite
 //! database under the data folder (`./keygate-data`, or `KEYGATE_DATA_DIR`).
@@ -76,6 +76,73 @@ pub struct Config {
     pub audit: AuditConfig,
     #[serde(default)]
     pub rotation: RotationConfig,
+    #[serde(default)]
+    pub enroll: EnrollConfig,
+}
+
+/// How the EK of an enrolling machine is trusted (`KEYGATE_ENROLL_MODE`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EnrollMode {
+    /// The EK certificate chains to a TPM manufacturer CA in `ca_dir`.
+    #[default]
+    #[serde(rename = "ek-ca")]
+    EkCa,
+    /// The EK hash is registered by an operator (`POST /v1/enroll/machines`).
+    #[serde(rename = "allowlist")]
+    Allowlist,
+}
+
+/// Attestation-gated enrollment (API.md; docs/api-notes.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollConfig {
+    #[serde(default)]
+    pub mode: EnrollMode,
+    /// Folder of TPM manufacturer CA certificates (`KEYGATE_ENROLL_CA_DIR`).
+    #[serde(default = "default_enroll_ca_dir")]
+    pub ca_dir: PathBuf,
+    /// How long a challenge can be completed, once.
+    #[serde(default = "default_challenge_ttl")]
+    pub challenge_ttl_seconds: u64,
+    /// PCRs the quote must cover, like `sha256:0,1,2,3,4,5,6,7`.
+    #[serde(default = "default_pcr_selection")]
+    pub pcr_selection: String,
+    /// Golden values: PCR index → accepted hex digests (any of them). Empty: any boot state.
+    #[serde(default)]
+    pub pcr_policy: std::collections::BTreeMap<String, Vec<String>>,
+    /// `aud` of the provisioning tokens enrollment issues.
+    #[serde(default = "default_enroll_audience")]
+    pub audience: String,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// Token lifetime (default `tokens.default_ttl_seconds`; at most `tokens.max_ttl_seconds`).
+    #[serde(default)]
+    pub token_ttl_seconds: Option<u64>,
+    /// Whether the token can be redeemed once only.
+    #[serde(default = "default_true")]
+    pub one_time: bool,
+}
+
+impl Default for EnrollConfig {
+    fn default() -> Self {
+        toml::from_str("").unwrap_or_else(|_| unreachable!())
+    }
+}
+
+fn default_enroll_ca_dir() -> PathBuf {
+    PathBuf::from("hsm-config/tpm-ca")
+}
+fn default_challenge_ttl() -> u64 {
+    60
+}
+fn default_pcr_selection() -> String {
+    "sha256:0,1,2,3,4,5,6,7".into()
+}
+fn default_enroll_audience() -> String {
+    "keygate-enroll".into()
+}
+fn default_true() -> bool {
+    true
 }
 
 /// Signing-key rotation (docs/adr/0007-key-rotation.md).
@@ -291,6 +358,21 @@ impl Config {
                 None => cfg.tpm = Some(TpmConfig::with_tcti(tcti)),
             }
         }
+        if let Ok(m) = std::env::var("KEYGATE_ENROLL_MODE") {
+            cfg.enroll.mode = match m.as_str() {
+                "ek-ca" => EnrollMode::EkCa,
+                "allowlist" => EnrollMode::Allowlist,
+                _ => {
+                    return Err(ConfigError::Env {
+                        var: "KEYGATE_ENROLL_MODE",
+                        reason: format!("{m:?} is not \"ek-ca\" or \"allowlist\""),
+                    });
+                }
+            };
+        }
+        if let Some(dir) = std::env::var_os("KEYGATE_ENROLL_CA_DIR") {
+            cfg.enroll.ca_dir = PathBuf::from(dir);
+        }
         if let Ok(listen) = std::env::var("KEYGATE_LISTEN") {
             cfg.listen = listen.parse().map_err(|_| ConfigError::Env {
                 var: "KEYGATE_LISTEN",
@@ -350,6 +432,21 @@ impl Config {
                 "rotation.check_every_ms must be positive".into(),
             ));
         }
+        let e = &self.enroll;
+        if !(1..=3600).contains(&e.challenge_ttl_seconds) {
+            return Err(ConfigError::Invalid(
+                "enroll.challenge_ttl_seconds must be 1 to 3600".into(),
+            ));
+        }
+        if e.token_ttl_seconds
+            .is_some_and(|t| t == 0 || t > self.tokens.max_ttl_seconds)
+        {
+            return Err(ConfigError::Invalid(
+                "enroll.token_ttl_seconds must be positive and at most tokens.max_ttl_seconds".into(),
+            ));
+        }
+        crate::attest::PcrPolicy::parse(&e.pcr_selection, &e.pcr_policy)
+            .map_err(|why| ConfigError::Invalid(format!("enroll: {why}")))?;
         let a = &self.api_tokens;
         if a.max_ttl_seconds == 0 || a.default_ttl_seconds == 0 {
             return Err(ConfigError::Invalid("api_tokens TTLs must be positive".into()));

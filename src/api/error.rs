@@ -27,6 +27,10 @@ pub enum ApiError {
     BadRequest(String),
     Unauthorized(String),
     Forbidden(Scope),
+    /// Attestation proof failed (401, no Bearer challenge: the proof is the credential).
+    AttestationFailed(String),
+    /// Refused by policy (403).
+    Denied(String),
     NotFound(String),
     MethodNotAllowed,
     Conflict(String),
@@ -59,6 +63,13 @@ impl ApiError {
                 "Insufficient scope",
                 format!("this API token lacks the scope {s}"),
             ),
+            AttestationFailed(d) => (
+                StatusCode::UNAUTHORIZED,
+                "attestation-failed",
+                "Attestation failed",
+                d.clone(),
+            ),
+            Denied(d) => (StatusCode::FORBIDDEN, "denied", "Denied by policy", d.clone()),
             NotFound(d) => (StatusCode::NOT_FOUND, "not-found", "Not found", d.clone()),
             MethodNotAllowed => (
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -151,6 +162,8 @@ impl From<AuthorityError> for ApiError {
             AuthorityError::Unauthorized(d) => ApiError::Unauthorized(d),
             AuthorityError::Forbidden(s) => ApiError::Forbidden(s),
             AuthorityError::NotFound(d) => ApiError::NotFound(d),
+            AuthorityError::Attestation(d) => ApiError::AttestationFailed(d),
+            AuthorityError::Denied(d) => ApiError::Denied(d),
             AuthorityError::Conflict(d) => ApiError::Conflict(d),
             AuthorityError::Backend(e) => {
                 tracing::error!(error = %e, "key backend failed");
@@ -191,6 +204,8 @@ mod tests {
         assert_eq!(status_of(AuthorityError::Unauthorized("x".into())), 401);
         assert_eq!(status_of(AuthorityError::Forbidden(Scope::KeysRead)), 403);
         assert_eq!(status_of(AuthorityError::NotFound("x".into())), 404);
+        assert_eq!(status_of(AuthorityError::Attestation("x".into())), 401);
+        assert_eq!(status_of(AuthorityError::Denied("x".into())), 403);
         assert_eq!(status_of(AuthorityError::Conflict("x".into())), 409);
         assert_eq!(status_of(AuthorityError::Backend(KeyError::Busy(10))), 503);
         assert_eq!(

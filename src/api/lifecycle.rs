@@ -11,11 +11,11 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::{Stream, StreamExt};
 
-use super::AppState;
 use super::dto::*;
 use super::error::{ApiError, Problem};
 use super::extract::{Remote, StrictJson};
 use super::operator::authorize;
+use super::{AppState, no_store};
 use crate::authority::{RedeemRequest, Scope, rfc3339};
 
 /// Redeems a provisioning token (the token is the credential; a `cnf`-bound token needs an
@@ -52,17 +52,16 @@ pub async fn redeem(
         url: &url,
     };
     let r = st.authority.redeem(req, &remote).await?;
-    let mut res = Json(RedeemResponse {
-        subject: r.subject,
-        audience: r.audience,
-        scopes: r.scopes,
-        expires_at: rfc3339(r.expires_at),
-        certificate: r.certificate,
-    })
-    .into_response();
-    res.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    Ok(res)
+    Ok(no_store(
+        Json(RedeemResponse {
+            subject: r.subject,
+            audience: r.audience,
+            scopes: r.scopes,
+            expires_at: rfc3339(r.expires_at),
+            certificate: r.certificate,
+        })
+        .into_response(),
+    ))
 }
 
 /// Where a stream starts when the client sends no `Last-Event-ID`.

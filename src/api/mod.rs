@@ -2,6 +2,7 @@
 //! JSON), a tracing span per request with its request id and matched route.
 
 mod dto;
+mod enroll;
 pub mod error;
 mod extract;
 mod lifecycle;
@@ -83,6 +84,16 @@ pub fn metrics_handle() -> PrometheusHandle {
         .clone()
 }
 
+/// Marks an answer that carries a credential (a token, a certificate for a new key) as not
+/// to be stored by caches.
+fn no_store(mut res: Response) -> Response {
+    res.headers_mut().insert(
+        axum::http::header::CACHE_CONTROL,
+        axum::http::HeaderValue::from_static("no-store"),
+    );
+    res
+}
+
 /// Builds the router over `state`.
 pub fn router(state: AppState) -> Router {
     let x_request_id = HeaderName::from_static("x-request-id");
@@ -105,6 +116,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/revocations", get(operator::revocations))
         .route("/v1/api-tokens", post(operator::create_api_token).get(operator::list_api_tokens))
         .route("/v1/api-tokens/{id}", delete(operator::delete_api_token))
+        .route("/v1/enroll/challenge", post(enroll::challenge))
+        .route("/v1/enroll/complete", post(enroll::complete))
+        .route("/v1/enroll/machines", post(enroll::register_machine).get(enroll::list_machines))
+        .route("/v1/enroll/machines/{ek_hash}", delete(enroll::revoke_machine))
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(extract::BODY_LIMIT))

@@ -4,6 +4,10 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use super::dto::*;
+use super::enroll::{
+    self, EnrollChallengeRequest, EnrollChallengeResponse, EnrollCompleteRequest, EnrollCompleteResponse,
+    MachineView, RegisterMachineRequest,
+};
 use super::error::Problem;
 use super::{lifecycle, operator, public};
 
@@ -33,12 +37,16 @@ impl Modify for BearerAuth {
         operator::create_api_token, operator::list_api_tokens, operator::delete_api_token,
         operator::audit, operator::revoke, operator::revocations,
         lifecycle::redeem, lifecycle::revocation_stream, lifecycle::rotate_key, lifecycle::destroy_key,
+        enroll::challenge, enroll::complete, enroll::register_machine, enroll::list_machines,
+        enroll::revoke_machine,
     ),
     components(schemas(
         Problem, IssueTokenRequest, IssueTokenResponse, IntrospectRequest, IntrospectResponse, KeyView,
         CreateApiTokenRequest, CreateApiTokenResponse, ApiTokenView, Configuration, Status,
         AuditPage, AuditEntryView, CheckpointView, RevokeRequest, RevokeResponse,
         RotateRequest, RedeemRequestBody, RedeemResponse,
+        EnrollChallengeRequest, EnrollChallengeResponse, EnrollCompleteRequest, EnrollCompleteResponse,
+        RegisterMachineRequest, MachineView,
     )),
     modifiers(&BearerAuth),
 )]
@@ -67,6 +75,10 @@ mod tests {
             "/v1/revocations/stream",
             "/v1/keys/rotate",
             "/v1/keys/{kid}",
+            "/v1/enroll/challenge",
+            "/v1/enroll/complete",
+            "/v1/enroll/machines",
+            "/v1/enroll/machines/{ek_hash}",
         ] {
             assert!(doc["paths"].get(p).is_some(), "missing {p}");
         }

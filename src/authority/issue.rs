@@ -78,7 +78,7 @@ fn is_scope_token(s: &str) -> bool {
 
 impl IssueRequest {
     /// Checks the request against the policy; returns the TTL to use.
-    fn validate(&self, default_ttl: u64, max_ttl: u64) -> Result<u64, AuthorityError> {
+    pub(super) fn validate(&self, default_ttl: u64, max_ttl: u64) -> Result<u64, AuthorityError> {
         check_name("subject", &self.subject, MAX_NAME)?;
         check_name("audience", &self.audience, MAX_NAME)?;
         let ttl = self.ttl_seconds.unwrap_or(default_ttl);
@@ -122,6 +122,27 @@ impl Authority {
     ) -> Result<Issued, AuthorityError> {
         let started = Instant::now();
         let ttl = req.validate(self.settings.default_ttl, self.settings.max_ttl)?;
+        let (issued, row) = self.mint(req, ttl, &who.id).await?;
+        self.store
+            .write(
+                vec![WriteOp::InsertIssued(row)],
+                AuditRecord::new(&who.id, "token.issue", &issued.jti, "success", remote),
+            )
+            .await?;
+        metrics::counter!("keygate_tokens_issued_total").increment(1);
+        metrics::histogram!("keygate_issue_duration_seconds").record(started.elapsed().as_secs_f64());
+        Ok(issued)
+    }
+
+    /// Signs a token for a validated request inside the hardware with the active key, and
+    /// returns it with the row to record. The caller records it (with its audit entry) and
+    /// hands the token out only once that is committed.
+    pub(super) async fn mint(
+        &self,
+        req: &IssueRequest,
+        ttl: u64,
+        issued_by: &str,
+    ) -> Result<(Issued, IssuedToken), AuthorityError> {
         let ring = self.key_ring();
         let iat = now();
         let jti = b64::encode(random_bytes::<16>()?);
@@ -162,22 +183,15 @@ impl Authority {
             exp: claims.exp,
             one_time: req.one_time,
             cnf_jkt: req.cnf_jkt.clone(),
-            issued_by: who.id.clone(),
+            issued_by: issued_by.to_owned(),
         };
-        self.store
-            .write(
-                vec![WriteOp::InsertIssued(row)],
-                AuditRecord::new(&who.id, "token.issue", &jti, "success", remote),
-            )
-            .await?;
-        metrics::counter!("keygate_tokens_issued_total").increment(1);
-        metrics::histogram!("keygate_issue_duration_seconds").record(started.elapsed().as_secs_f64());
-        Ok(Issued {
+        let issued = Issued {
             token,
             jti,
             kid: ring.active.kid.clone(),
             expires_at: claims.exp,
-        })
+        };
+        Ok((issued, row))
     }
 
     /// RFC 7662 introspection from the issuer's own view: no clock leeway, the token must be

@@ -2,6 +2,7 @@
 //! which key signs, what a valid request is, who may do what, what gets recorded.
 
 mod apitokens;
+mod enroll;
 mod issue;
 mod keyring;
 mod redeem;
@@ -12,6 +13,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
 
 pub use apitokens::{NewApiToken, Principal, Scope};
+pub use enroll::{Challenge, ChallengeRequest, CompleteRequest, EK_URN_PREFIX, EnrollSettings, Enrolled};
 pub use issue::{Introspection, IssueRequest, Issued};
 pub use keyring::{ActiveKey, KeyRing, PublishedKey, ensure_active_key};
 pub use redeem::{RedeemRequest, Redeemed};
@@ -37,6 +39,12 @@ pub enum AuthorityError {
     Forbidden(Scope),
     #[error("{0} not found")]
     NotFound(String),
+    /// An attestation proof failed (enrollment: secret, quote, challenge); a 401.
+    #[error("{0}")]
+    Attestation(String),
+    /// A well-formed request the policy refuses (enrollment: EK trust, AK, PCRs); a 403.
+    #[error("{0}")]
+    Denied(String),
     #[error("{0}")]
     Conflict(String),
     /// The key backend cannot sign now.
@@ -67,11 +75,15 @@ pub struct Settings {
     pub rotate_every: i64,
     pub publish_lead: i64,
     pub jwks_max_age: u64,
+    /// Attestation-gated enrollment (`enroll.rs`).
+    pub enroll: Arc<EnrollSettings>,
 }
 
 impl Settings {
-    pub fn from_config(cfg: &Config) -> Settings {
-        Settings {
+    /// Fails when the enrollment settings cannot be loaded (a TPM manufacturer CA file that
+    /// does not parse, say).
+    pub fn from_config(cfg: &Config) -> Result<Settings, AuthorityError> {
+        Ok(Settings {
             issuer: cfg.issuer(),
             default_ttl: cfg.tokens.default_ttl_seconds,
             max_ttl: cfg.tokens.max_ttl_seconds,
@@ -89,7 +101,8 @@ impl Settings {
             rotate_every: cfg.rotation.rotate_every_seconds as i64,
             publish_lead: cfg.rotation.publish_lead_seconds as i64,
             jwks_max_age: cfg.rotation.jwks_max_age_seconds,
-        }
+            enroll: EnrollSettings::from_config(cfg)?,
+        })
     }
 }
 

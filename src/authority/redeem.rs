@@ -158,7 +158,10 @@ impl Authority {
                         AuthorityError::Conflict("this one-time token has been redeemed already".into())
                     }
                     Refusal::Revoked => unauthorized("token refused: token revoked".into()),
-                    Refusal::DpopReplay | Refusal::KeyState => unauthorized(REPLAYED.into()),
+                    Refusal::DpopReplay
+                    | Refusal::KeyState
+                    | Refusal::EnrollmentUsed
+                    | Refusal::MachineRevoked => unauthorized(REPLAYED.into()),
                 }));
             }
             Err(e) => return Err(deny(e.into())),
@@ -210,6 +213,16 @@ impl Authority {
     /// Checks the CSR and has the active key's CA sign a certificate for its key.
     async fn certify(&self, csr: &str, subject: &str) -> Result<String, AuthorityError> {
         let key = crate::x509::check_csr(csr).map_err(|e| AuthorityError::BadRequest(e.to_string()))?;
+        self.certify_key(key, subject).await
+    }
+
+    /// Has the active key's CA sign an end-entity certificate for `key` with CN `subject`;
+    /// the PEM chain (certificate, then CA).
+    pub(super) async fn certify_key(
+        &self,
+        key: x509_cert::spki::SubjectPublicKeyInfoOwned,
+        subject: &str,
+    ) -> Result<String, AuthorityError> {
         let ring = self.key_ring();
         let ca_pem = ring
             .published

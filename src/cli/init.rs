@@ -134,7 +134,7 @@ pub async fn init(config: &Config, new_admin_token: bool) -> anyhow::Result<Init
         config.store.synchronous == crate::config::Synchronous::Full,
     )
     .await?;
-    let settings = Settings::from_config(config);
+    let settings = Settings::from_config(config)?;
     let (kid, key_created) = ensure_active_key(&store, &backend, &settings, "cli").await?;
     let authority = Authority::open(store.clone(), backend, settings).await?;
     let admin_token = if new_admin_token || !authority.has_admin_token().await? {

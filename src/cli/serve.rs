@@ -80,9 +80,13 @@ pub async fn build_service_with(config: &Config, sessions: Option<usize>) -> any
     )
     .await?;
     let authority = Arc::new(
-        Authority::open(store, backend.clone(), Settings::from_config(config))
-            .await
-            .context("cannot load signing keys")?,
+        Authority::open(
+            store,
+            backend.clone(),
+            Settings::from_config(config).context("cannot load the enrollment settings")?,
+        )
+        .await
+        .context("cannot load signing keys")?,
     );
     let ring = authority.key_ring();
     tracing::info!(backend = backend.kind(), kid = %ring.active.kid, uri = %ring.active.uri, "signing key ready");
@@ -189,8 +193,13 @@ async fn lifecycle_tasks(authority: Arc<Authority>, every: std::time::Duration) 
         }
         n += 1;
         if n % 60 == 0 {
-            if let Err(e) = authority.store().prune_dpop_proofs(crate::authority::now()).await {
+            let t = crate::authority::now();
+            if let Err(e) = authority.store().prune_dpop_proofs(t).await {
                 tracing::warn!(error = %e, "cannot prune DPoP proof ids");
+            }
+            // Expired challenges that issued nothing; kept an hour for the curious operator.
+            if let Err(e) = authority.store().prune_enrollments(t - 3600).await {
+                tracing::warn!(error = %e, "cannot prune expired enrollment challenges");
             }
         }
     }
