@@ -16,6 +16,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn init_tracing(command: &Command) {
     let default = match command {
         Command::Serve => "info",
+        // tss-esapi logs the TPM errors `keygate enroll` reports itself, in one line.
+        Command::Enroll(_) => "warn,tss_esapi=off",
+        Command::Bench(b) if b.enroll_tcti.is_some() => "warn,tss_esapi=off",
         _ => "warn",
     };
     let filter = EnvFilter::try_from_env("KEYGATE_LOG").unwrap_or_else(|_| EnvFilter::new(default));
@@ -43,6 +46,13 @@ fn main() -> ExitCode {
         // The embedded SoftHSM2 token reads its configuration from SOFTHSM2_CONF when the
         // module initialises. SAFETY: no other thread exists yet (the runtime starts below).
         unsafe { std::env::set_var("SOFTHSM2_CONF", config.embedded_softhsm_conf()) };
+    }
+    let tpm_client = matches!(&cli.command, Command::Enroll(_))
+        || matches!(&cli.command, Command::Bench(b) if b.enroll_tcti.is_some());
+    if tpm_client && std::env::var_os("TSS2_LOG").is_none() {
+        // tpm2-tss prints its own errors to stderr; the TPM client commands report them.
+        // SAFETY: no other thread exists yet.
+        unsafe { std::env::set_var("TSS2_LOG", "all+none") };
     }
     init_tracing(&cli.command);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

@@ -31,6 +31,10 @@ pub struct BenchArgs {
     /// Print the results as a Markdown table as well.
     #[arg(long)]
     pub markdown: bool,
+    /// Measure attestation-gated enrollment instead, with the TPM at this TCTI playing the
+    /// client (swtpm:host=127.0.0.1,port=2321, say).
+    #[arg(long)]
+    pub enroll_tcti: Option<String>,
 }
 
 #[derive(Clone)]
@@ -48,7 +52,7 @@ fn digest(msg: &[u8]) -> [u8; 32] {
 }
 
 /// Signatures per second with `sessions` sessions and as many signing threads.
-fn raw_sign_rate(config: &Config, uri: &str, sessions: usize, secs: u64) -> anyhow::Result<f64> {
+pub(super) fn raw_sign_rate(config: &Config, uri: &str, sessions: usize, secs: u64) -> anyhow::Result<f64> {
     let (backend, _) = super::serve::open_backend_blocking(config, Some(sessions))?;
     let d = digest(b"keygate bench");
     backend.sign_digest(uri, &d)?;
@@ -226,7 +230,7 @@ fn per_core_interleaved(secs: f64, ops: &mut [&mut dyn FnMut() -> bool]) -> anyh
     Ok(counts.iter().zip(&spent).map(|(c, t)| *c as f64 / t).collect())
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(super) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
@@ -255,6 +259,9 @@ pub async fn run(a: BenchArgs, config: Config) -> anyhow::Result<()> {
     };
     let secs = a.seconds.max(1);
     let runs = a.runs.max(1);
+    if let Some(tcti) = &a.enroll_tcti {
+        return super::bench_enroll::report(&config, tcti, secs, runs, a.markdown).await;
+    }
     // The active key, and a token it signed, for the verification runs.
     let service = super::build_service(&config).await?;
     let ring_ = service.authority.key_ring();

@@ -2,8 +2,11 @@
 
 mod audit;
 mod bench;
+mod bench_enroll;
 mod bench_lifecycle;
 mod client;
+mod enroll;
+mod enroll_tpm;
 mod init;
 mod serve;
 mod verify;
@@ -52,6 +55,9 @@ pub enum Command {
     Verify(verify::VerifyArgs),
     /// Measure raw backend sign rate, end-to-end issuance and offline verification.
     Bench(bench::BenchArgs),
+    /// Enroll this machine: prove with its TPM (EK, AK, credential activation, quote) that it
+    /// is genuine, and receive a provisioning token and an AK certificate.
+    Enroll(enroll::EnrollArgs),
 }
 
 /// Where the server is and which API token to use.
@@ -126,5 +132,6 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
         Command::Verify(args) => verify::run(args, &config).await,
         Command::Bench(args) => bench::run(args, config).await,
         Command::Audit(AuditCommand::Verify(args)) => audit::verify(args, &config).await,
+        Command::Enroll(args) => enroll::run(args).await,
     }
 }
