@@ -10,6 +10,7 @@ mod audit;
 mod auth;
 mod badinput;
 mod cli;
+mod enroll;
 mod hsm;
 mod http;
 mod process;

@@ -7,7 +7,7 @@ use keygate::token::{Jwk, b64};
 use p256::ecdsa::{Signature, SigningKey, signature::Signer};
 use serde_json::{Value, json};
 
-use crate::common::{Env, get_authed, issue};
+use crate::common::{Env, get_authed, issue, openssl};
 
 pub async fn redeem(base: &str, body: Value, dpop: Option<&str>) -> (u16, Value) {
     let mut r = reqwest::Client::new()
@@ -283,20 +283,6 @@ async fn bad_expired_unknown_and_revoked_tokens_are_refused_with_a_reason() {
     let (s, p) = redeem(&base, json!({ "token": token }), None).await;
     assert_eq!(s, 401);
     assert!(p["detail"].as_str().unwrap().contains("expired"), "{p}");
-}
-
-fn openssl(dir: &std::path::Path, args: &[&str]) -> std::process::Output {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
 }
 
 async fn a_csr_gets_a_certificate_that_openssl_verifies_against_the_key_ca(env: Env) {

@@ -3,7 +3,7 @@
 use keygate::token::{Verifier, VerifierConfig, VerifyError, jws};
 use serde_json::{Value, json};
 
-use crate::common::{Env, create_api_token, get_authed, introspect, issue, jwks, revoke};
+use crate::common::{Env, create_api_token, get_authed, introspect, issue, jwks, metric, revoke};
 
 async fn revocations(base: &str, query: &str) -> reqwest::Response {
     reqwest::get(format!("{base}/v1/revocations{query}"))
@@ -136,18 +136,7 @@ async fn revoked_tokens_are_refused_by_introspection_the_list_and_offline_verifi
             );
         }
     }
-    let metrics = reqwest::get(format!("{base}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        metrics
-            .lines()
-            .any(|l| l.starts_with("keygate_tokens_revoked_total") && !l.ends_with(" 0")),
-        "{metrics}"
-    );
+    assert!(metric(&base, "keygate_tokens_revoked_total").await > 0.0);
     let audit: Value = get_authed(&base, "/v1/audit?limit=1000", &env.admin)
         .await
         .json()

@@ -39,3 +39,34 @@ fi
 
 echo "== keygate bench runs (a smoke run; figures come from release builds)" >&2
 env -u KEYGATE_CONFIG KEYGATE_DATA_DIR="$run_dir/bench" cargo run --quiet -- bench --seconds 1 --clients 4 >/dev/null
+
+echo "== keygate bench --enroll-tcti runs (a smoke run against a throwaway swtpm)" >&2
+# A port pair (server P, control P+1) with no listener on either, and an swtpm that is still
+# alive once P answers; another pair on a clash (the cause of one red CI run: P+1 was taken).
+listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+swtpm_pid=
+for _ in 1 2 3 4 5 6 7 8 9 10; do
+  port=$((20000 + RANDOM % 12000))
+  if listening "$port" || listening "$((port + 1))"; then continue; fi
+  rm -rf "$run_dir/swtpm-bench" && mkdir -p "$run_dir/swtpm-bench"
+  swtpm socket --tpm2 --server "type=tcp,port=$port,bindaddr=127.0.0.1" \
+    --ctrl "type=tcp,port=$((port + 1)),bindaddr=127.0.0.1" \
+    --tpmstate "dir=$run_dir/swtpm-bench" --flags not-need-init,startup-clear 2>/dev/null &
+  swtpm_pid=$!
+  for _ in $(seq 100); do
+    if ! kill -0 "$swtpm_pid" 2>/dev/null; then break; fi
+    if listening "$port"; then break 2; fi
+    sleep 0.05
+  done
+  kill "$swtpm_pid" 2>/dev/null || true
+  wait "$swtpm_pid" 2>/dev/null || true
+  swtpm_pid=
+done
+if [ -z "$swtpm_pid" ]; then
+  echo "could not start swtpm on a free port pair" >&2
+  exit 1
+fi
+trap 'kill $swtpm_pid 2>/dev/null || true; rm -rf "$run_dir"' EXIT
+env -u KEYGATE_CONFIG KEYGATE_DATA_DIR="$run_dir/bench-enroll" cargo run --quiet -- bench --seconds 1 --runs 1 \
+  --enroll-tcti "swtpm:host=127.0.0.1,port=$port" >/dev/null
+kill "$swtpm_pid" 2>/dev/null || true

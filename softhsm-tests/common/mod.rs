@@ -2,6 +2,7 @@
 //! initialised on it, and helpers to serve it in-process or run the real binary.
 
 pub mod swtpm;
+pub mod tpm2tools;
 
 /// Turns `async fn name(env: Env)` into two tests, `name::pkcs11` on a fresh SoftHSM2 token
 /// and `name::tpm` on a fresh swtpm, with optional extra top-level TOML for both.
@@ -389,4 +390,34 @@ pub async fn create_api_token(
         .unwrap();
     assert_eq!(r.status(), 201);
     r.json().await.unwrap()
+}
+
+/// Runs openssl in `dir` with `args` and asserts it succeeded.
+pub fn openssl(dir: &Path, args: &[&str]) -> std::process::Output {
+    let out = std::process::Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// The value of one series (`name` or `name{labels}`) on `/metrics`.
+pub async fn metric(base: &str, series: &str) -> f64 {
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {series} in {text}"))
+        .parse()
+        .unwrap()
 }

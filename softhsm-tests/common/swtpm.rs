@@ -20,6 +20,14 @@ fn free_port_pair() -> u16 {
     super::free_ports(2)
 }
 
+/// A state folder whose name the suite's leak check knows.
+fn state_dir() -> TempDir {
+    tempfile::Builder::new()
+        .prefix("keygate-test-swtpm")
+        .tempdir()
+        .unwrap()
+}
+
 fn spawn(port: u16, state: &Path) -> Child {
     let child = Command::new("swtpm")
         .args(["socket", "--tpm2", "--server"])
@@ -43,10 +51,11 @@ fn spawn(port: u16, state: &Path) -> Child {
 
 impl Swtpm {
     pub fn start() -> Swtpm {
-        let state = tempfile::Builder::new()
-            .prefix("keygate-test-swtpm")
-            .tempdir()
-            .unwrap();
+        Swtpm::run(state_dir())
+    }
+
+    /// Runs a simulator on `state` and free ports.
+    fn run(state: TempDir) -> Swtpm {
         let port = free_port_pair();
         let child = spawn(port, state.path());
         Swtpm {
@@ -78,5 +87,47 @@ impl Swtpm {
 impl Drop for Swtpm {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// A TPM manufacturer for tests: a CA (root and intermediate) that `swtpm-localca` makes in
+/// a folder of its own, and a folder with only its certificates, which keygate trusts
+/// (`enroll.ca_dir`).
+pub struct TestCa {
+    pub state: TempDir,
+    pub bundle: TempDir,
+}
+
+impl TestCa {
+    pub fn new() -> TestCa {
+        TestCa {
+            state: tempfile::tempdir().unwrap(),
+            bundle: tempfile::tempdir().unwrap(),
+        }
+    }
+}
+
+impl Swtpm {
+    /// A TPM as it leaves the factory: `swtpm_setup` makes its RSA-2048 and ECC P-384 EKs
+    /// and their certificates (NV 0x01c00002, 0x01c00016), issued by `ca`.
+    pub fn manufactured(ca: &TestCa) -> Swtpm {
+        let state = state_dir();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("softhsm-tests/swtpm-ekcert.sh");
+        let out = Command::new("sh")
+            .arg(script)
+            .arg(state.path())
+            .arg(ca.state.path())
+            .arg("rsa")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "swtpm-ekcert.sh: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for f in ["swtpm-localca-rootca-cert.pem", "issuercert.pem"] {
+            std::fs::copy(ca.state.path().join(f), ca.bundle.path().join(f)).unwrap();
+        }
+        Swtpm::run(state)
     }
 }
