@@ -159,10 +159,10 @@ struct CachingVerifier {
 
 impl CachingVerifier {
     async fn verifier(&self) -> Arc<Verifier> {
-        if let Some((v, at, max_age)) = self.cached.lock().unwrap().as_ref() {
-            if at.elapsed() < *max_age {
-                return v.clone();
-            }
+        if let Some((v, at, max_age)) = self.cached.lock().unwrap().as_ref()
+            && at.elapsed() < *max_age
+        {
+            return v.clone();
         }
         let res = reqwest::get(format!("{}/.well-known/jwks.json", self.base))
             .await

@@ -308,11 +308,10 @@ async fn binary_init_and_serve_on_the_tpm_from_environment_variables() {
             .bearer_auth(&admin)
             .send()
             .await
+            && r.status() == 200
         {
-            if r.status() == 200 {
-                keys = r.json().await.unwrap();
-                break;
-            }
+            keys = r.json().await.unwrap();
+            break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

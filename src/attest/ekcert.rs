@@ -199,10 +199,9 @@ fn usable_ca(ca: &Certificate, now: i64) -> Result<(), EkCertError> {
     if let Some((_, KeyUsage(ku))) = tbs
         .get_extension::<KeyUsage>()
         .map_err(|e| fail(format!("keyUsage: {e}")))?
+        && !ku.contains(KeyUsages::KeyCertSign)
     {
-        if !ku.contains(KeyUsages::KeyCertSign) {
-            return Err(fail("its keyUsage lacks keyCertSign".into()));
-        }
+        return Err(fail("its keyUsage lacks keyCertSign".into()));
     }
     Ok(())
 }

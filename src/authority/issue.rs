@@ -98,12 +98,12 @@ impl IssueRequest {
                 "scope {bad:?} is not an RFC 6749 scope token (printable ASCII, no space, quote or backslash)"
             )));
         }
-        if let Some(jkt) = &self.cnf_jkt {
-            if b64::decode(jkt).is_none_or(|d| d.len() != 32) {
-                return Err(AuthorityError::BadRequest(
-                    "cnf_jkt must be a base64url SHA-256 JWK thumbprint (43 characters)".into(),
-                ));
-            }
+        if let Some(jkt) = &self.cnf_jkt
+            && b64::decode(jkt).is_none_or(|d| d.len() != 32)
+        {
+            return Err(AuthorityError::BadRequest(
+                "cnf_jkt must be a base64url SHA-256 JWK thumbprint (43 characters)".into(),
+            ));
         }
         Ok(ttl)
     }

@@ -130,10 +130,10 @@ impl Authority {
         };
         // A replay is refused as such before anything else is looked at; the store checks
         // again, atomically, when it records the proof.
-        if let Some((id, _)) = &proof {
-            if self.store.dpop_proof_seen(id).await.map_err(|e| deny(e.into()))? {
-                return Err(deny(unauthorized(REPLAYED.into())));
-            }
+        if let Some((id, _)) = &proof
+            && self.store.dpop_proof_seen(id).await.map_err(|e| deny(e.into()))?
+        {
+            return Err(deny(unauthorized(REPLAYED.into())));
         }
         if row.one_time && status.redeemed_at.is_some() {
             return Err(deny(AuthorityError::Conflict(

@@ -75,15 +75,15 @@ impl Jwk {
         if self.crv.as_deref() != Some("P-256") {
             return Err(JwkError::NotP256);
         }
-        if let Some(u) = &self.use_ {
-            if u != "sig" {
-                return Err(JwkError::WrongUse(u.clone()));
-            }
+        if let Some(u) = &self.use_
+            && u != "sig"
+        {
+            return Err(JwkError::WrongUse(u.clone()));
         }
-        if let Some(a) = &self.alg {
-            if a != super::ALG_ES256 {
-                return Err(JwkError::WrongAlg(a.clone()));
-            }
+        if let Some(a) = &self.alg
+            && a != super::ALG_ES256
+        {
+            return Err(JwkError::WrongAlg(a.clone()));
         }
         let coord = |v: &Option<String>, name| {
             v.as_deref()
@@ -99,13 +99,13 @@ impl Jwk {
         p256::PublicKey::from_sec1_bytes(&point).map_err(|_| JwkError::NotOnCurve)?;
         let (xs, ys) = (self.x.as_deref().unwrap_or(""), self.y.as_deref().unwrap_or(""));
         let tp = ec_thumbprint(xs, ys);
-        if let Some(kid) = &self.kid {
-            if *kid != tp {
-                return Err(JwkError::KidMismatch {
-                    kid: kid.clone(),
-                    thumbprint: tp,
-                });
-            }
+        if let Some(kid) = &self.kid
+            && *kid != tp
+        {
+            return Err(JwkError::KidMismatch {
+                kid: kid.clone(),
+                thumbprint: tp,
+            });
         }
         Ok((point, tp))
     }
