@@ -5,9 +5,7 @@ use serde_json::{Value, json};
 
 use crate::common::{Env, create_api_token, get_authed, issue};
 
-#[tokio::test(flavor = "multi_thread")]
-async fn audit_endpoint_pages_links_and_needs_its_scope() {
-    let env = Env::new().await;
+async fn audit_endpoint_pages_links_and_needs_its_scope(env: Env) {
     let (base, _svc) = env.serve().await;
     for i in 0..4 {
         issue(
@@ -76,6 +74,7 @@ async fn audit_endpoint_pages_links_and_needs_its_scope() {
         403
     );
 }
+on_both_stores!(audit_endpoint_pages_links_and_needs_its_scope);
 
 /// Copies the database (and its WAL) to a fresh folder, applies `sql`, runs
 /// `keygate audit verify` there; returns (success, stdout + stderr).

@@ -14,7 +14,9 @@ use keygate::token::{Claims, Verifier, VerifierConfig};
 
 use crate::common::swtpm::{Swtpm, TestCa};
 use crate::common::tpm2tools::Client;
-use crate::common::{Env, create_api_token, delete_authed, get_authed, introspect, jwks, metric, openssl};
+use crate::common::{
+    Env, TestStore, create_api_token, delete_authed, get_authed, introspect, jwks, metric, openssl,
+};
 
 fn b64(b: &[u8]) -> String {
     STANDARD.encode(b)
@@ -85,18 +87,8 @@ async fn enroll(base: &str, c: &Client) -> (u16, Value) {
 }
 
 fn issued(env: &Env) -> i64 {
-    let url = format!("sqlite://{}?mode=ro", env.dir.path().join("keygate.db").display());
     let rt = tokio::runtime::Handle::current();
-    tokio::task::block_in_place(|| {
-        rt.block_on(async {
-            let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
-            let n: (i64,) = sqlx::query_as("SELECT count(*) FROM issued_tokens")
-                .fetch_one(&pool)
-                .await
-                .unwrap();
-            n.0
-        })
-    })
+    tokio::task::block_in_place(|| rt.block_on(async { env.counts().await.0 }))
 }
 
 /// Writes the first certificate of the PEM chain in `out/certificate.pem` to
@@ -213,11 +205,10 @@ async fn the_tpm2_tools_script_enrolls_rsa_and_ecc_eks_and_the_results_verify() 
     assert!(metric(&base, "keygate_enrollments_total{outcome=\"success\"}").await >= 2.0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_refusal_names_its_check_issues_nothing_and_never_500s() {
+async fn every_refusal_names_its_check_issues_nothing_and_never_500s(store: TestStore) {
     let ca = TestCa::new();
     let tpm = Swtpm::manufactured(&ca);
-    let env = Env::with_toml(&enroll_toml(&ca, "")).await;
+    let env = Env::with_store(&enroll_toml(&ca, ""), store).await;
     let (base, _svc) = env.serve().await;
     let mut c = Client::new(&tpm.tcti());
     let ecc_pub = c.create_ek("ecc384");
@@ -417,9 +408,9 @@ async fn every_refusal_names_its_check_issues_nothing_and_never_500s() {
     let out = env.keygate().args(["audit", "verify"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+for_both_stores!(every_refusal_names_its_check_issues_nothing_and_never_500s);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_expired_challenge_and_a_changed_boot_state_are_refused() {
+async fn an_expired_challenge_and_a_changed_boot_state_are_refused(store: TestStore) {
     let ca = TestCa::new();
     let tpm = Swtpm::manufactured(&ca);
     // PCR 7 must hold its reset value; the challenge lives 1 s.
@@ -427,7 +418,7 @@ async fn an_expired_challenge_and_a_changed_boot_state_are_refused() {
         "challenge_ttl_seconds = 1\npcr_policy = {{ \"7\" = [\"{}\"] }}",
         "00".repeat(32)
     );
-    let env = Env::with_toml(&enroll_toml(&ca, &golden)).await;
+    let env = Env::with_store(&enroll_toml(&ca, &golden), store).await;
     let (base, _svc) = env.serve().await;
     let mut c = Client::new(&tpm.tcti());
     c.create_ek("ecc384");
@@ -445,11 +436,11 @@ async fn an_expired_challenge_and_a_changed_boot_state_are_refused() {
     refused(enroll(&base, &c).await, 403, "PCR 7");
     assert_eq!(issued(&env), before);
 }
+for_both_stores!(an_expired_challenge_and_a_changed_boot_state_are_refused);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn allowlist_mode_needs_a_registered_ek_and_revoking_a_machine_revokes_its_tokens() {
+async fn allowlist_mode_needs_a_registered_ek_and_revoking_a_machine_revokes_its_tokens(store: TestStore) {
     let tpm = Swtpm::start();
-    let env = Env::with_toml("[enroll]\nmode = \"allowlist\"\n").await;
+    let env = Env::with_store("[enroll]\nmode = \"allowlist\"\n", store).await;
     let (base, _svc) = env.serve().await;
     let mut c = Client::new(&tpm.tcti());
     // A P-256 EK (no certificate needed in this mode).
@@ -530,6 +521,7 @@ async fn allowlist_mode_needs_a_registered_ek_and_revoking_a_machine_revokes_its
     );
     assert_eq!(issued(&env), before + 1);
 }
+for_both_stores!(allowlist_mode_needs_a_registered_ek_and_revoking_a_machine_revokes_its_tokens);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keygate_enroll_with_tss_esapi_for_rsa_and_p384_eks() {

@@ -18,6 +18,12 @@ pkg-config --exists tss2-esys 2>/dev/null || need+=(libtss2-dev)
 command -v cc >/dev/null || need+=(gcc)
 # the README's walk-through shapes JSON with jq
 command -v jq >/dev/null || need+=(jq)
+# PostgreSQL: the tests start private throwaway clusters (initdb, pg_ctl) unless
+# KEYGATE_TEST_PG_URL names a server; psql and pg_dump come with it
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null; then
+  need+=(postgresql)
+fi
+command -v runuser >/dev/null || need+=(util-linux)
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

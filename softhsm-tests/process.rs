@@ -164,7 +164,7 @@ async fn second_init_keeps_the_key_and_mints_an_admin_token_only_when_asked() {
         .await;
     }
     let url = format!("sqlite://{}", env.dir.path().join("keygate.db").display());
-    let store = keygate::store::Store::open(&url, true).await.unwrap();
+    let store = keygate::store::Store::open_url(&url).await.unwrap();
     let entries = store.audit_entries(0, 100_000).await.unwrap();
     assert!(entries.len() >= 6, "{} entries", entries.len());
     assert_eq!(
@@ -193,11 +193,11 @@ async fn embedded_defaults_initialise_and_serve() {
     let base = format!("http://127.0.0.1:{port}");
     let mut ready = false;
     for _ in 0..300 {
-        if let Ok(r) = reqwest::get(format!("{base}/readyz")).await {
-            if r.status() == 200 {
-                ready = true;
-                break;
-            }
+        if let Ok(r) = reqwest::get(format!("{base}/readyz")).await
+            && r.status() == 200
+        {
+            ready = true;
+            break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }

@@ -21,32 +21,30 @@ pub async fn redeem(base: &str, body: Value, dpop: Option<&str>) -> (u16, Value)
     (status, res.json().await.unwrap_or(Value::Null))
 }
 
-/// (redeemed_at, revoked_at) straight from the SQLite file.
+/// (redeemed_at, revoked_at) straight from the store.
 async fn token_row(env: &Env, jti: &str) -> (Option<i64>, Option<i64>) {
-    let url = format!("sqlite://{}", env.dir.path().join("keygate.db").display());
-    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
-    let r = sqlx::query_as("SELECT redeemed_at, revoked_at FROM issued_tokens WHERE jti = ?")
-        .bind(jti)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    pool.close().await;
+    let db = env.db().await;
+    let r = db
+        .two_opt_ints(
+            "SELECT redeemed_at, revoked_at FROM issued_tokens WHERE jti = $1",
+            &[jti],
+        )
+        .await;
+    db.close().await;
     r
 }
 
 /// Audit outcomes of `token.redeem` entries for `jti`.
 async fn redeem_audit(env: &Env, jti: &str) -> Vec<String> {
-    let url = format!("sqlite://{}", env.dir.path().join("keygate.db").display());
-    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
-    let rows: Vec<(String,)> = sqlx::query_as(
-        "SELECT outcome FROM audit_log WHERE action = 'token.redeem' AND target = ? ORDER BY seq",
-    )
-    .bind(jti)
-    .fetch_all(&pool)
-    .await
-    .unwrap();
-    pool.close().await;
-    rows.into_iter().map(|r| r.0).collect()
+    let db = env.db().await;
+    let r = db
+        .strings(
+            "SELECT outcome FROM audit_log WHERE action = 'token.redeem' AND target = $1 ORDER BY seq",
+            &[jti],
+        )
+        .await;
+    db.close().await;
+    r
 }
 
 async fn one_time_token_is_redeemed_exactly_once_by_200_racing_requests(env: Env) {
@@ -149,9 +147,7 @@ impl Client {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn dpop_bound_tokens_need_a_fresh_proof_by_the_bound_key_for_this_url() {
-    let env = Env::new().await;
+async fn dpop_bound_tokens_need_a_fresh_proof_by_the_bound_key_for_this_url(env: Env) {
     let (base, _svc) = env.serve().await;
     let url = format!("{base}/v1/tokens/redeem");
     let alice = Client::new(3);
@@ -239,10 +235,9 @@ async fn dpop_bound_tokens_need_a_fresh_proof_by_the_bound_key_for_this_url() {
         assert!(!o.contains(token) && !o.contains(&good));
     }
 }
+on_both_stores!(dpop_bound_tokens_need_a_fresh_proof_by_the_bound_key_for_this_url);
 
-#[tokio::test(flavor = "multi_thread")]
-async fn bad_expired_unknown_and_revoked_tokens_are_refused_with_a_reason() {
-    let env = Env::new().await;
+async fn bad_expired_unknown_and_revoked_tokens_are_refused_with_a_reason(env: Env) {
     let (base, _svc) = env.serve().await;
     let t = issue(
         &base,
@@ -284,6 +279,7 @@ async fn bad_expired_unknown_and_revoked_tokens_are_refused_with_a_reason() {
     assert_eq!(s, 401);
     assert!(p["detail"].as_str().unwrap().contains("expired"), "{p}");
 }
+on_both_stores!(bad_expired_unknown_and_revoked_tokens_are_refused_with_a_reason);
 
 async fn a_csr_gets_a_certificate_that_openssl_verifies_against_the_key_ca(env: Env) {
     let (base, _svc) = env.serve().await;

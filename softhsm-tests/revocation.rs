@@ -11,9 +11,7 @@ async fn revocations(base: &str, query: &str) -> reqwest::Response {
         .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn revoked_tokens_are_refused_by_introspection_the_list_and_offline_verifiers() {
-    let env = Env::new().await;
+async fn revoked_tokens_are_refused_by_introspection_the_list_and_offline_verifiers(env: Env) {
     let (base, _svc) = env.serve().await;
     let a = issue(&base, &env.admin, json!({"subject": "a", "audience": "fleet"})).await;
     let b = issue(&base, &env.admin, json!({"subject": "b", "audience": "fleet"})).await;
@@ -150,3 +148,4 @@ async fn revoked_tokens_are_refused_by_introspection_the_list_and_offline_verifi
             .any(|e| e["action"] == "token.revoke" && e["target"] == ja)
     );
 }
+on_both_stores!(revoked_tokens_are_refused_by_introspection_the_list_and_offline_verifiers);

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: install what is missing, lint, check that the
 # verifier builds without the HSM code, then unit and integration tests against real
-# SoftHSM2 tokens (a fresh token per test, in a token folder private to this run) and
-# swtpm simulators (one per test, on free ports, stopped at the end; checked below).
+# SoftHSM2 tokens (a fresh token per test, in a token folder private to this run), swtpm
+# simulators (one per test, on free ports, stopped at the end; checked below) and
+# PostgreSQL (the server KEYGATE_TEST_PG_URL names, else a private throwaway cluster; a
+# database per test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,6 +36,13 @@ cargo test --all-targets
 if pgrep -f 'swtpm socket.*keygate-test-swtpm' >/dev/null; then
   echo "swtpm processes outlived the tests:" >&2
   pgrep -af 'swtpm socket.*keygate-test-swtpm' >&2
+  exit 1
+fi
+# and every private PostgreSQL cluster (its watchdog stops it within a second of the end)
+sleep 2
+if pgrep -f 'postgres.*keygate-test-pg' >/dev/null; then
+  echo "PostgreSQL clusters outlived the tests:" >&2
+  pgrep -af 'postgres.*keygate-test-pg' >&2
   exit 1
 fi
 

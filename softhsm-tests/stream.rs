@@ -79,9 +79,7 @@ async fn revoke(base: &str, api: &str, jti: &str) {
     assert_eq!(crate::common::revoke(base, api, jti, None).await.status(), 200);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn revocations_stream_live_and_resume_from_last_event_id_without_a_gap() {
-    let env = Env::new().await;
+async fn revocations_stream_live_and_resume_from_last_event_id_without_a_gap(env: Env) {
     let (base, _svc) = env.serve().await;
     let mut tokens = Vec::new();
     for i in 0..6 {
@@ -146,10 +144,9 @@ async fn revocations_stream_live_and_resume_from_last_event_id_without_a_gap() {
         .unwrap();
     assert_eq!(r.status(), 400);
 }
+on_both_stores!(revocations_stream_live_and_resume_from_last_event_id_without_a_gap);
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_revoked_token_is_refused_by_redeem_introspection_and_the_offline_verifier() {
-    let env = Env::new().await;
+async fn a_revoked_token_is_refused_by_redeem_introspection_and_the_offline_verifier(env: Env) {
     let (base, _svc) = env.serve().await;
     let t = issue(
         &base,
@@ -187,10 +184,9 @@ async fn a_revoked_token_is_refused_by_redeem_introspection_and_the_offline_veri
         Err(VerifyError::Revoked(_))
     ));
 }
+on_both_stores!(a_revoked_token_is_refused_by_redeem_introspection_and_the_offline_verifier);
 
-#[tokio::test(flavor = "multi_thread")]
-async fn sigterm_ends_open_streams_and_the_server_exits() {
-    let env = Env::new().await;
+async fn sigterm_ends_open_streams_and_the_server_exits(env: Env) {
     let log = env.dir.path().join("serve.log");
     let mut server = crate::common::Server::start(&env, &log, &[]).await;
     let base = env.base_url();
@@ -225,3 +221,4 @@ async fn sigterm_ends_open_streams_and_the_server_exits() {
         "the shutdown checkpoint was made"
     );
 }
+on_both_stores!(sigterm_ends_open_streams_and_the_server_exits);

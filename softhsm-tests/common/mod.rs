@@ -1,11 +1,14 @@
 //! Test harness: a process-wide SoftHSM2 configuration, a fresh token per test, keygate
 //! initialised on it, and helpers to serve it in-process or run the real binary.
 
+pub mod db;
+pub mod pg;
 pub mod swtpm;
 pub mod tpm2tools;
 
-/// Turns `async fn name(env: Env)` into two tests, `name::pkcs11` on a fresh SoftHSM2 token
-/// and `name::tpm` on a fresh swtpm, with optional extra top-level TOML for both.
+/// Turns `async fn name(env: Env)` into three tests: `name::pkcs11` on a fresh SoftHSM2 token
+/// and SQLite, `name::tpm` on a fresh swtpm and SQLite, `name::pkcs11_postgres` on a fresh
+/// token and a fresh PostgreSQL database; with optional extra top-level TOML for all.
 macro_rules! on_both_backends {
     ($test:ident) => {
         on_both_backends!($test, "");
@@ -22,6 +25,50 @@ macro_rules! on_both_backends {
                 let tpm = crate::common::swtpm::Swtpm::start();
                 super::$test(crate::common::Env::on_tpm_with(&tpm.tcti(), $extra).await).await;
                 drop(tpm);
+            }
+
+            #[tokio::test(flavor = "multi_thread")]
+            async fn pkcs11_postgres() {
+                super::$test(crate::common::Env::on_postgres($extra).await).await;
+            }
+        }
+    };
+}
+
+/// Turns `async fn name(store: TestStore)` into `name::sqlite` and `name::postgres`, for
+/// tests that build their env themselves (`Env::with_store`).
+macro_rules! for_both_stores {
+    ($test:ident) => {
+        mod $test {
+            #[tokio::test(flavor = "multi_thread")]
+            async fn sqlite() {
+                super::$test(crate::common::TestStore::Sqlite).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread")]
+            async fn postgres() {
+                super::$test(crate::common::TestStore::Postgres).await;
+            }
+        }
+    };
+}
+
+/// Turns `async fn name(env: Env)` into `name::sqlite` and `name::postgres`, both on a fresh
+/// SoftHSM2 token, with optional extra top-level TOML.
+macro_rules! on_both_stores {
+    ($test:ident) => {
+        on_both_stores!($test, "");
+    };
+    ($test:ident, $extra:expr) => {
+        mod $test {
+            #[tokio::test(flavor = "multi_thread")]
+            async fn sqlite() {
+                super::$test(crate::common::Env::with_toml($extra).await).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread")]
+            async fn postgres() {
+                super::$test(crate::common::Env::on_postgres($extra).await).await;
             }
         }
     };
@@ -47,10 +94,10 @@ pub const SO_PIN: &str = "so-pin-7f3a9c21e5";
 pub fn softhsm_conf() -> PathBuf {
     static CONF: OnceLock<PathBuf> = OnceLock::new();
     CONF.get_or_init(|| {
-        if let Ok(p) = std::env::var("SOFTHSM2_CONF") {
-            if Path::new(&p).exists() {
-                return PathBuf::from(p);
-            }
+        if let Ok(p) = std::env::var("SOFTHSM2_CONF")
+            && Path::new(&p).exists()
+        {
+            return PathBuf::from(p);
         }
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("softhsm-{}", std::process::id()));
         let tokens = dir.join("tokens");
@@ -78,6 +125,13 @@ fn random_hex(n: usize) -> String {
     hex::encode(b)
 }
 
+/// Which store a test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TestStore {
+    Sqlite,
+    Postgres,
+}
+
 /// A fresh SoftHSM2 token and a keygate data folder initialised on it.
 pub struct Env {
     pub dir: TempDir,
@@ -86,6 +140,16 @@ pub struct Env {
     pub admin: String,
     pub user_pin: String,
     pub kid: String,
+    /// The PostgreSQL database of this test (dropped with the env), if it uses one.
+    pub pg_url: Option<String>,
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Some(u) = &self.pg_url {
+            pg::drop_database(u);
+        }
+    }
 }
 
 impl Env {
@@ -97,6 +161,24 @@ impl Env {
 
     /// Like [`Env::new`], with extra TOML appended to the config.
     pub async fn with_toml(extra: &str) -> Env {
+        Env::build(extra, None).await
+    }
+
+    /// Like [`Env::with_toml`], on a fresh PostgreSQL database.
+    pub async fn on_postgres(extra: &str) -> Env {
+        Env::build(extra, Some(pg::create_database().await)).await
+    }
+
+    /// Like [`Env::with_toml`], on the given store.
+    pub async fn with_store(extra: &str, store: TestStore) -> Env {
+        match store {
+            TestStore::Sqlite => Env::with_toml(extra).await,
+            TestStore::Postgres => Env::on_postgres(extra).await,
+        }
+    }
+
+    /// A fresh token; the store is `pg_url`, or SQLite in the data folder.
+    pub async fn build(extra: &str, pg_url: Option<String>) -> Env {
         softhsm_conf();
         let dir = tempfile::tempdir().unwrap();
         let label = format!("kg-{}", random_hex(6));
@@ -120,8 +202,12 @@ impl Env {
                 .unwrap()
         );
         let port = free_port();
+        let store = match &pg_url {
+            Some(u) => format!("[store]\nurl = \"{u}\"\n"),
+            None => String::new(),
+        };
         let text = format!(
-            "data_dir = \"{data}\"\nlisten = \"127.0.0.1:{port}\"\n{extra}\n[pkcs11]\nmodule = \"{SOFTHSM2_MODULE}\"\ntoken_label = \"{label}\"\npin = {{ file = \"{pin}\" }}\nsessions = 4\n",
+            "data_dir = \"{data}\"\nlisten = \"127.0.0.1:{port}\"\n{extra}\n{store}[pkcs11]\nmodule = \"{SOFTHSM2_MODULE}\"\ntoken_label = \"{label}\"\npin = {{ file = \"{pin}\" }}\nsessions = 4\n",
             data = dir.path().display(),
             pin = pin_path.display(),
         );
@@ -138,6 +224,7 @@ impl Env {
             config_path,
             admin,
             user_pin,
+            pg_url,
         }
     }
 
@@ -167,6 +254,7 @@ impl Env {
             config_path,
             admin,
             user_pin: String::new(),
+            pg_url: None,
         }
     }
 
@@ -195,17 +283,49 @@ impl Env {
         (self.base_url(), svc)
     }
 
-    /// Row counts (issued_tokens, api_tokens, audit_log) read straight from the SQLite file.
+    /// The store of this env, opened afresh (SQLite file or PostgreSQL database).
+    pub async fn store(&self) -> keygate::store::Store {
+        keygate::store::Store::open(&self.config.store_options().unwrap())
+            .await
+            .unwrap()
+    }
+
+    /// Direct SQL on this env's store.
+    pub async fn db(&self) -> db::TestDb {
+        db::TestDb::connect(&self.config.store_url()).await
+    }
+
+    /// Everything the store holds, as bytes to search: the SQLite file and its WAL, or every
+    /// row of every table of the PostgreSQL database as text (BYTEA as hex).
+    pub async fn dump(&self) -> Vec<u8> {
+        if self.pg_url.is_none() {
+            let mut out = std::fs::read(self.dir.path().join("keygate.db")).unwrap();
+            out.extend(std::fs::read(self.dir.path().join("keygate.db-wal")).unwrap_or_default());
+            return out;
+        }
+        let db = self.db().await;
+        let tables = db
+            .strings(
+                "SELECT table_name::text FROM information_schema.tables WHERE table_schema = 'public'",
+                &[],
+            )
+            .await;
+        let mut out = Vec::new();
+        for t in tables {
+            for row in db.strings(&format!("SELECT t::text FROM {t} t"), &[]).await {
+                out.extend(row.into_bytes());
+                out.push(b'\n');
+            }
+        }
+        db.close().await;
+        out
+    }
+
+    /// Row counts (issued_tokens, api_tokens, audit_log) read from the store.
     pub async fn counts(&self) -> (i64, i64, i64) {
-        let url = format!("sqlite://{}", self.dir.path().join("keygate.db").display());
-        let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
-        let r: (i64, i64, i64) = sqlx::query_as(
-            "SELECT (SELECT count(*) FROM issued_tokens), (SELECT count(*) FROM api_tokens), (SELECT count(*) FROM audit_log)",
-        )
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-        pool.close().await;
+        let store = self.store().await;
+        let r = store.counts().await.unwrap();
+        store.close().await;
         r
     }
 
@@ -216,7 +336,10 @@ impl Env {
             .env("SOFTHSM2_CONF", softhsm_conf())
             .env_remove("KEYGATE_DATA_DIR")
             .env_remove("KEYGATE_LISTEN")
-            .env_remove("KEYGATE_TOKEN");
+            .env_remove("KEYGATE_TOKEN")
+            .env_remove("KEYGATE_STORE_URL")
+            .env_remove("KEYGATE_ISSUER")
+            .env_remove("KEYGATE_PUBLIC_URL");
         c
     }
 }
@@ -263,10 +386,10 @@ impl Server {
         let url = format!("{}/readyz", env.base_url());
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(r) = reqwest::get(&url).await {
-                if r.status() == 200 {
-                    return server;
-                }
+            if let Ok(r) = reqwest::get(&url).await
+                && r.status() == 200
+            {
+                return server;
             }
             if let Ok(Some(status)) = server.child.try_wait() {
                 panic!(

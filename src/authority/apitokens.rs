@@ -22,11 +22,17 @@ const CACHE_MAX: usize = 10_000;
 /// Every request used to read its API token from SQLite, a cross-thread round trip that cost
 /// more than the HSM signature (docs/benchmarks.md). Rows are cached after a successful
 /// lookup; expiry is checked on every use; a deletion removes the row from the cache before
-/// the deletion is answered, so a deleted token is refused from the next request on. Only
-/// one process serves an SQLite store; a shared store with several replicas must invalidate
-/// across them (or not cache).
-#[derive(Default)]
-pub(crate) struct Cache(Mutex<CacheInner>);
+/// the deletion is answered, so a deleted token is refused from the next request on.
+///
+/// That holds because one process serves a SQLite store (`serve` locks the file). On
+/// PostgreSQL another replica may delete a token at any moment, and an announcement of the
+/// deletion could reach this replica after a client that saw the DELETE answered has sent
+/// its next request here: so replicas do not cache, and every request reads its token (one
+/// primary-key lookup; ADR 0011).
+pub(crate) struct Cache {
+    enabled: bool,
+    inner: Mutex<CacheInner>,
+}
 
 #[derive(Default)]
 struct CacheInner {
@@ -37,12 +43,26 @@ struct CacheInner {
 }
 
 impl Cache {
+    /// A cache that keeps rows only when `enabled` (a store no other process writes to).
+    pub(crate) fn new(enabled: bool) -> Cache {
+        Cache {
+            enabled,
+            inner: Mutex::new(CacheInner::default()),
+        }
+    }
+
     fn get(&self, hash: &[u8; 32]) -> Option<ApiTokenRow> {
-        self.0.lock().ok()?.rows.get(hash).cloned()
+        if !self.enabled {
+            return None;
+        }
+        self.inner.lock().ok()?.rows.get(hash).cloned()
     }
 
     fn put(&self, hash: [u8; 32], row: ApiTokenRow) {
-        if let Ok(mut c) = self.0.lock() {
+        if !self.enabled {
+            return;
+        }
+        if let Ok(mut c) = self.inner.lock() {
             if c.deleted.contains(&row.id) {
                 return;
             }
@@ -54,7 +74,7 @@ impl Cache {
     }
 
     fn delete(&self, id: &str) {
-        if let Ok(mut c) = self.0.lock() {
+        if let Ok(mut c) = self.inner.lock() {
             c.rows.retain(|_, r| r.id != id);
             c.deleted.insert(id.to_owned());
         }
@@ -62,7 +82,7 @@ impl Cache {
 
     /// True when `id` was deleted by this process (a cached or freshly read row is stale).
     fn is_deleted(&self, id: &str) -> bool {
-        self.0.lock().map(|c| c.deleted.contains(id)).unwrap_or(true)
+        self.inner.lock().map(|c| c.deleted.contains(id)).unwrap_or(true)
     }
 }
 

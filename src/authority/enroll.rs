@@ -558,7 +558,6 @@ impl Authority {
             .unwrap_or(0);
         if n > 0 {
             metrics::counter!("keygate_tokens_revoked_total").increment(n);
-            self.feed.wake.notify_one();
         }
         Ok(n)
     }

@@ -26,6 +26,8 @@ pub struct ActiveKey {
 
 /// Published keys plus the active one, and a verifier over them.
 pub struct KeyRing {
+    /// This replica's device (`pkcs11`, `tpm:<id>`): the active key is the one it holds.
+    pub device: String,
     pub active: ActiveKey,
     pub published: Vec<PublishedKey>,
     pub jwks: JwkSet,
@@ -34,9 +36,14 @@ pub struct KeyRing {
 }
 
 impl KeyRing {
-    /// Reads the keys from the store and checks each published one against the device: the
-    /// device must hold the key and its public key must be the recorded one.
-    pub async fn load(store: &Store, backend: &Arc<dyn KeyBackend>) -> Result<KeyRing, AuthorityError> {
+    /// Reads the keys from the store and checks each published key of `device` against the
+    /// device: it must hold the key, and its public key must be the recorded one. Keys of
+    /// other devices (other replicas' TPMs) are published and verified, never signed with.
+    pub async fn load(
+        store: &Store,
+        backend: &Arc<dyn KeyBackend>,
+        device: &str,
+    ) -> Result<KeyRing, AuthorityError> {
         let rows = store.signing_keys().await?;
         let mut published = Vec::new();
         let mut active = None;
@@ -46,6 +53,10 @@ impl KeyRing {
         {
             let jwk: Jwk = serde_json::from_str(&row.jwk)
                 .map_err(|e| AuthorityError::Internal(format!("stored JWK of {}: {e}", row.kid)))?;
+            if row.device != device {
+                published.push(PublishedKey { row, jwk });
+                continue;
+            }
             let (b, uri) = (backend.clone(), row.uri.clone());
             let info = tokio::task::spawn_blocking(move || b.find_key(&uri))
                 .await
@@ -66,7 +77,9 @@ impl KeyRing {
             published.push(PublishedKey { row, jwk });
         }
         let active = active.ok_or_else(|| {
-            AuthorityError::Internal("no active signing key in the store; run `keygate init`".into())
+            AuthorityError::Internal(format!(
+                "no active signing key of this device ({device}) in the store; run `keygate init`"
+            ))
         })?;
         let jwks = JwkSet {
             keys: published.iter().map(|k| k.jwk.clone()).collect(),
@@ -74,6 +87,7 @@ impl KeyRing {
         let verifier = Verifier::new(&jwks, VerifierConfig::new("", ""))
             .map_err(|e| AuthorityError::Internal(e.to_string()))?;
         Ok(KeyRing {
+            device: device.to_owned(),
             active,
             published,
             jwks,
@@ -82,36 +96,88 @@ impl KeyRing {
     }
 }
 
-/// Makes sure there is an active signing key: when the store has none, generates one in the
-/// device, has the device sign its CA certificate, and records it. Returns the kid and
-/// whether it was created now.
+/// Makes sure this device has an active signing key: when the store has none of it,
+/// generates one in the device, has the device sign its CA certificate, and records it.
+/// Returns the kid and whether it was created now. Two processes racing here on one device
+/// (replicas started together) end with one key: the loser's is removed from the device
+/// again and the winner's returned.
 pub async fn ensure_active_key(
     store: &Store,
     backend: &Arc<dyn KeyBackend>,
     settings: &Settings,
     actor: &str,
 ) -> Result<(String, bool), AuthorityError> {
-    if let Some(k) = store
-        .signing_keys()
-        .await?
-        .into_iter()
-        .find(|k| k.state == "active")
-    {
-        return Ok((k.kid, false));
+    let device = device_of(backend).await?;
+    adopt_legacy_keys(store, backend, &device).await?;
+    let active = |keys: Vec<SigningKeyRow>| {
+        keys.into_iter()
+            .find(|k| k.state == "active" && k.device == device)
+            .map(|k| k.kid)
+    };
+    if let Some(kid) = active(store.signing_keys().await?) {
+        return Ok((kid, false));
     }
-    let mut row = generate_key(backend, settings).await?;
+    let mut row = generate_key(backend, settings, &device).await?;
     row.state = "active".into();
     row.activated_at = Some(row.created_at);
     let kid = row.kid.clone();
-    record_new_key(
-        store,
-        backend,
-        row,
-        Vec::new(),
-        AuditRecord::new(actor, "key.create", &kid, "success", "local"),
-    )
-    .await?;
-    Ok((kid, true))
+    let audit = AuditRecord::new(actor, "key.create", &kid, "success", "local");
+    match record_new_key(store, backend, row, Vec::new(), audit).await {
+        Ok(()) => Ok((kid, true)),
+        Err(AuthorityError::Store(crate::store::StoreError::Conflict(_))) => {
+            active(store.signing_keys().await?)
+                .map(|k| (k, false))
+                .ok_or_else(|| {
+                    AuthorityError::Conflict("another process is creating this device's key".into())
+                })
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The backend's device id, asked on a blocking thread.
+pub(super) async fn device_of(backend: &Arc<dyn KeyBackend>) -> Result<String, AuthorityError> {
+    let b = backend.clone();
+    Ok(tokio::task::spawn_blocking(move || b.device_id())
+        .await
+        .map_err(|e| AuthorityError::Internal(e.to_string()))??)
+}
+
+/// Keys recorded before keys had devices (TPM keys of a single replica) belong to the device
+/// that holds them with the recorded public key: record that, once.
+pub(super) async fn adopt_legacy_keys(
+    store: &Store,
+    backend: &Arc<dyn KeyBackend>,
+    device: &str,
+) -> Result<(), AuthorityError> {
+    let mut mine = Vec::new();
+    for row in store.signing_keys().await? {
+        if !row.device.is_empty() || row.backend != backend.kind() || row.destroyed_at.is_some() {
+            continue;
+        }
+        let (b, uri) = (backend.clone(), row.uri.clone());
+        let found = tokio::task::spawn_blocking(move || b.find_key(&uri))
+            .await
+            .map_err(|e| AuthorityError::Internal(e.to_string()))?;
+        let Ok(info) = found else { continue };
+        if serde_json::from_str::<Jwk>(&row.jwk).ok() == Some(Jwk::from_public_key(&info.public_key)) {
+            mine.push(row.kid);
+        }
+    }
+    if !mine.is_empty() {
+        let target = mine.join(",");
+        let op = WriteOp::AdoptKeys {
+            kids: mine,
+            device: device.to_owned(),
+        };
+        store
+            .write(
+                vec![op],
+                AuditRecord::new("local", "key.adopt", &target, "success", "local"),
+            )
+            .await?;
+    }
+    Ok(())
 }
 
 /// Generates a P-256 key inside the device and has the device sign its self-signed CA
@@ -119,6 +185,7 @@ pub async fn ensure_active_key(
 pub(super) async fn generate_key(
     backend: &Arc<dyn KeyBackend>,
     settings: &Settings,
+    device: &str,
 ) -> Result<SigningKeyRow, AuthorityError> {
     let label = format!("root-{}", time_label());
     let b = backend.clone();
@@ -147,6 +214,7 @@ pub(super) async fn generate_key(
         kid,
         uri: info.uri.clone(),
         backend: backend.kind().into(),
+        device: device.to_owned(),
         state: "next".into(),
         jwk: serde_json::to_string(&jwk).map_err(|e| AuthorityError::Internal(e.to_string()))?,
         certificate,

@@ -110,6 +110,8 @@ impl Settings {
 pub struct Authority {
     pub(crate) store: Store,
     pub(crate) backend: Arc<dyn KeyBackend>,
+    /// The device this replica signs with (`KeyBackend::device_id`).
+    pub(crate) device: String,
     pub(crate) keys: RwLock<Arc<KeyRing>>,
     pub(crate) settings: Settings,
     /// API-token rows by secret hash, filled on successful lookups and emptied of a token
@@ -131,14 +133,17 @@ pub struct Authority {
 pub const PROBE_REUSE_MS: i64 = 1000;
 
 impl Authority {
-    /// Loads the key ring from the store and checks every key against the device. Fails
-    /// when there is no active key (run `keygate init`) or a key does not match the device.
+    /// Loads the key ring from the store and checks every key of this device against the
+    /// device. Fails when the device has no active key (run `keygate init`) or a key does
+    /// not match the device.
     pub async fn open(
         store: Store,
         backend: Arc<dyn KeyBackend>,
         settings: Settings,
     ) -> Result<Authority, AuthorityError> {
-        let ring = KeyRing::load(&store, &backend).await?;
+        let device = keyring::device_of(&backend).await?;
+        keyring::adopt_legacy_keys(&store, &backend, &device).await?;
+        let ring = KeyRing::load(&store, &backend, &device).await?;
         let (slots, sign_wait) = backend.concurrency();
         let sign_queue = SignQueue::start(slots, sign_wait)?;
         let feed = revocations::Feed::start(store.clone()).await?;
@@ -147,7 +152,8 @@ impl Authority {
             feed,
             rotation_lock: tokio::sync::Mutex::new(()),
             key_states,
-            api_token_cache: apitokens::Cache::default(),
+            api_token_cache: apitokens::Cache::new(store.kind() == crate::store::StoreKind::Sqlite),
+            device,
             last_probe_ok_ms: AtomicI64::new(0),
             sign_queue,
             store,

@@ -1,10 +1,14 @@
 //! Revocation: the revoke operation, the signed list, and the live event feed behind the
 //! Server-Sent Events stream.
 //!
-//! One feed task per process reads new revocations from the store (woken by a local revoke,
-//! and every second for revocations made by another process) and broadcasts them in `seq`
-//! order. A subscriber subscribes first and reads its backlog from the store second, so
-//! nothing committed can fall between the two; duplicates are dropped by `seq`.
+//! One feed task per process reads new revocations from the store and broadcasts them in
+//! `seq` order. It is woken by the store's change announcements ([`Change::Revoked`]): from
+//! this process's writer at once, and from every other replica through PostgreSQL
+//! LISTEN/NOTIFY, so no replica waits for a poll. It also looks once a second, in case an
+//! announcement was lost. `seq` is assigned in commit order on both databases, so reading
+//! "everything after the last seq seen" never skips one. A subscriber subscribes first and
+//! reads its backlog from the store second, so nothing committed can fall between the two;
+//! duplicates are dropped by `seq`.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -13,11 +17,11 @@ use std::time::Duration;
 
 use futures_util::Stream;
 use serde::Serialize;
-use tokio::sync::{Notify, broadcast, watch};
+use tokio::sync::{broadcast, watch};
 
 use super::{Authority, AuthorityError, Principal, now};
 use crate::audit::AuditRecord;
-use crate::store::{Store, WriteOp};
+use crate::store::{Change, Store, WriteOp};
 
 /// One revocation as the stream sends it (`data:` of an `event: revoked`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -27,7 +31,7 @@ pub struct RevocationEvent {
     pub seq: i64,
 }
 
-/// How often the feed looks for revocations made by other processes.
+/// How often the feed looks for revocations even when none was announced.
 const POLL: Duration = Duration::from_secs(1);
 /// Events a slow subscriber may fall behind before it re-reads from the store.
 const CAPACITY: usize = 1024;
@@ -35,7 +39,6 @@ const CAPACITY: usize = 1024;
 pub(crate) struct Feed {
     store: Store,
     tx: broadcast::Sender<RevocationEvent>,
-    pub(crate) wake: Arc<Notify>,
     /// Newest seq broadcast.
     last: AtomicI64,
     /// Set at shutdown: open streams end.
@@ -45,23 +48,30 @@ pub(crate) struct Feed {
 impl Feed {
     /// Starts the feed task; it stops when the feed is dropped.
     pub(crate) async fn start(store: Store) -> Result<Arc<Feed>, AuthorityError> {
+        // Subscribe before reading where to start, so nothing falls in between.
+        let changes = store.changes();
         let last = store.revocation_seq().await?;
         let feed = Arc::new(Feed {
             store,
             tx: broadcast::channel(CAPACITY).0,
-            wake: Arc::new(Notify::new()),
             last: AtomicI64::new(last),
             closed: watch::channel(false).0,
         });
-        tokio::spawn(run(Arc::downgrade(&feed), feed.wake.clone()));
+        tokio::spawn(run(Arc::downgrade(&feed), changes));
         Ok(feed)
     }
 }
 
-async fn run(feed: Weak<Feed>, wake: Arc<Notify>) {
+async fn run(feed: Weak<Feed>, mut changes: broadcast::Receiver<Change>) {
     loop {
         // Waits without holding the feed, so dropping the authority ends this task.
-        let _ = tokio::time::timeout(POLL, wake.notified()).await;
+        match tokio::time::timeout(POLL, changes.recv()).await {
+            // Changes that are not about revocations.
+            Ok(Ok(Change::Keys | Change::ApiTokenDeleted(_))) => continue,
+            Ok(Err(broadcast::error::RecvError::Closed)) => return,
+            // A revocation, a resync, missed announcements, or the poll: look.
+            _ => {}
+        }
         let Some(f) = feed.upgrade() else { return };
         let after = f.last.load(Ordering::Acquire);
         match f.store.revocations(after, now()).await {
@@ -141,12 +151,12 @@ impl Authority {
         reason: Option<String>,
         remote: &str,
     ) -> Result<i64, AuthorityError> {
-        if let Some(r) = &reason {
-            if r.len() > 256 || r.chars().any(char::is_control) {
-                return Err(AuthorityError::BadRequest(
-                    "reason must be at most 256 printable bytes".into(),
-                ));
-            }
+        if let Some(r) = &reason
+            && (r.len() > 256 || r.chars().any(char::is_control))
+        {
+            return Err(AuthorityError::BadRequest(
+                "reason must be at most 256 printable bytes".into(),
+            ));
         }
         if jti.is_empty() || jti.len() > 64 {
             return Err(AuthorityError::NotFound(format!("token {jti}")));
@@ -173,7 +183,6 @@ impl Authority {
             return earlier.ok_or_else(|| AuthorityError::NotFound(format!("token {jti}")));
         }
         metrics::counter!("keygate_tokens_revoked_total").increment(1);
-        self.feed.wake.notify_one();
         Ok(at)
     }
 

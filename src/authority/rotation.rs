@@ -9,9 +9,18 @@
 //!   key's tokens until they refresh.
 //! - The schedule (`rotate_every`) creates the next key `publish_lead` before it is due.
 //!
-//! Every process runs [`Authority::rotation_tick`]; state changes are conditional updates,
-//! so two processes cannot both promote, and a change made elsewhere (another replica, the
-//! CLI) is noticed and the key ring reloaded.
+//! Keys belong to devices (`KeyBackend::device_id`): replicas sharing a PKCS#11 token share
+//! its keys; each TPM replica has its own. A replica rotates the keys of its own device.
+//!
+//! - [`Authority::schedule_tick`] runs on one replica per device at a time (the holder of
+//!   the device's lease, `cli/serve.rs`): promote, retire, create the next key.
+//! - [`Authority::refresh_keys`] runs on every replica every check interval and whenever the
+//!   store announces a key change: a change made elsewhere (another replica, the CLI) puts
+//!   the new ring in force here.
+//!
+//! State changes are conditional updates and each device has at most one `next` and one
+//! `active` key (unique indexes), so even two schedulers at once cannot both promote or
+//! create.
 
 use std::sync::Arc;
 
@@ -32,10 +41,15 @@ pub struct RotateOutcome {
 }
 
 impl Authority {
+    /// This replica's device (`pkcs11`, `tpm:<id>`).
+    pub fn device(&self) -> &str {
+        &self.device
+    }
+
     /// Reads the keys from the store and the device again and puts the new ring in force.
     pub async fn reload_keys(&self) -> Result<(), AuthorityError> {
         let states = self.store.key_states().await?;
-        let ring = KeyRing::load(&self.store, &self.backend).await?;
+        let ring = KeyRing::load(&self.store, &self.backend, &self.device).await?;
         let changed = ring.active.kid != self.key_ring().active.kid;
         match self.keys.write() {
             Ok(mut g) => *g = Arc::new(ring),
@@ -62,7 +76,7 @@ impl Authority {
     ) -> Result<RotateOutcome, AuthorityError> {
         let _serial = self.rotation_lock.lock().await;
         let keys = self.store.signing_keys().await?;
-        let waiting = keys.iter().find(|k| k.state == "next");
+        let waiting = keys.iter().find(|k| k.state == "next" && k.device == self.device);
         let kid = match (waiting, activate_now) {
             (Some(k), false) => {
                 return Err(AuthorityError::Conflict(format!(
@@ -78,7 +92,7 @@ impl Authority {
             }
             (None, _) => {
                 let t = now();
-                let mut row = generate_key(&self.backend, &self.settings).await?;
+                let mut row = generate_key(&self.backend, &self.settings, &self.device).await?;
                 let kid = row.kid.clone();
                 let (more, outcome) = if activate_now {
                     (self.promotion_ops(&kid, t).await?, "success: activated now")
@@ -110,7 +124,7 @@ impl Authority {
             .signing_keys()
             .await?
             .into_iter()
-            .find(|k| k.state == "active")
+            .find(|k| k.state == "active" && k.device == self.device)
         {
             // Expected retirement: its last token's expiry plus the verifier leeway, and not
             // before the grace for issuances in flight has passed.
@@ -158,53 +172,69 @@ impl Authority {
         }
     }
 
-    /// One pass of the schedule: reload keys changed elsewhere, promote a due `next` key,
-    /// retire `retiring` keys whose tokens have all expired, create the next key when the
-    /// active one is due. Safe to run in several processes at once.
-    pub async fn rotation_tick(&self) -> Result<(), AuthorityError> {
-        let _serial = self.rotation_lock.lock().await;
+    /// Every replica: when any key changed state since the ring was loaded (here or on
+    /// another replica), loads it again. True when it did.
+    pub async fn refresh_keys(&self) -> Result<bool, AuthorityError> {
         let seen = self.key_states.lock().map(|s| s.clone()).unwrap_or_default();
-        let mut changed = self.store.key_states().await? != seen;
+        if self.store.key_states().await? == seen {
+            return Ok(false);
+        }
+        self.reload_keys().await?;
+        Ok(true)
+    }
+
+    /// One pass of the schedule, for the one replica per device that leads: promote this
+    /// device's due `next` key, retire `retiring` keys whose tokens have all expired (of any
+    /// device: retiring needs no device, and a TPM replica may be gone for good), create this
+    /// device's next key when its active one is due. Then [`Authority::refresh_keys`].
+    pub async fn schedule_tick(&self) -> Result<(), AuthorityError> {
+        let serial = self.rotation_lock.lock().await;
         let t = now();
         for k in self.store.signing_keys().await? {
             match k.state.as_str() {
-                "next" if k.activate_at.is_some_and(|at| at <= t) => {
+                "next" if k.device == self.device && k.activate_at.is_some_and(|at| at <= t) => {
                     match self
                         .promote(&k.kid, "scheduler", "key.activate", "success", "local")
                         .await
                     {
-                        Ok(()) | Err(AuthorityError::Conflict(_)) => changed = true,
+                        Ok(()) | Err(AuthorityError::Conflict(_)) => {}
                         Err(e) => return Err(e),
                     }
                 }
-                "retiring" => changed |= self.maybe_retire(&k, t).await?,
+                "retiring" => {
+                    self.maybe_retire(&k, t).await?;
+                }
                 _ => {}
             }
         }
         if self.settings.rotate_every > 0 {
             let keys = self.store.signing_keys().await?;
-            let due = keys
-                .iter()
+            let mine = || keys.iter().filter(|k| k.device == self.device);
+            let due = mine()
                 .find(|k| k.state == "active")
                 .and_then(|k| k.activated_at)
                 .map(|at| at + self.settings.rotate_every);
-            let waiting = keys.iter().any(|k| k.state == "next");
+            let waiting = mine().any(|k| k.state == "next");
             if let Some(due) = due.filter(|d| !waiting && d - self.settings.publish_lead <= t) {
-                let mut row = generate_key(&self.backend, &self.settings).await?;
+                let mut row = generate_key(&self.backend, &self.settings, &self.device).await?;
                 row.activate_at = Some(due.max(t + self.settings.publish_lead));
                 let audit = AuditRecord::new("scheduler", "key.rotate", &row.kid, "success: next", "local");
                 match record_new_key(&self.store, &self.backend, row, Vec::new(), audit).await {
                     // Another process created it first.
-                    Ok(()) | Err(AuthorityError::Store(StoreError::Conflict(_))) => changed = true,
+                    Ok(()) | Err(AuthorityError::Store(StoreError::Conflict(_))) => {}
                     Err(e) => return Err(e),
                 }
             }
         }
-        if changed {
-            drop(_serial);
-            self.reload_keys().await?;
-        }
+        drop(serial);
+        self.refresh_keys().await?;
         Ok(())
+    }
+
+    /// What a process that leads its device runs each interval: the schedule, then the
+    /// refresh (the schedule includes it).
+    pub async fn rotation_tick(&self) -> Result<(), AuthorityError> {
+        self.schedule_tick().await
     }
 
     /// Retires `k` when its expected retirement has come and no token it signed can still
@@ -249,6 +279,12 @@ impl Authority {
             .into_iter()
             .find(|k| k.kid == kid)
             .ok_or_else(|| AuthorityError::NotFound(format!("key {kid}")))?;
+        if k.device != self.device {
+            return Err(AuthorityError::Conflict(format!(
+                "key {kid} lives in device {}, not in this replica's ({}); destroy it on the replica that holds it",
+                k.device, self.device
+            )));
+        }
         if let Some(at) = k.destroyed_at {
             return Err(AuthorityError::Conflict(format!(
                 "key {kid} was destroyed at {}",

@@ -20,13 +20,13 @@ pub struct VerifyArgs {
 /// Reads every entry page by page and checks the chain, then every checkpoint: its entry
 /// has its hash, its signature is good, and the log still reaches it.
 pub async fn verify(args: VerifyArgs, config: &Config) -> anyhow::Result<()> {
-    let url = config.store_url();
-    if let Some(path) = url.strip_prefix("sqlite://") {
-        if !std::path::Path::new(path).exists() {
-            bail!("no audit log at {path}");
-        }
+    let opts = config.store_options()?;
+    if let Some(path) = opts.url.sqlite_path()
+        && !std::path::Path::new(path).exists()
+    {
+        bail!("no audit log at {path}");
     }
-    let store = Store::open(&url, true).await?;
+    let store = Store::open(&opts).await?;
     let result = check(&store, args).await;
     store.close().await;
     let (entries, checkpoints, newest) = result?;

@@ -129,11 +129,7 @@ pub async fn init(config: &Config, new_admin_token: bool) -> anyhow::Result<Init
         token_created = tokio::task::spawn_blocking(move || init_token(&pk2, &so, &user)).await??;
     }
     let (backend, _) = super::serve::open_backend(config, None).await?;
-    let store = Store::open(
-        &config.store_url(),
-        config.store.synchronous == crate::config::Synchronous::Full,
-    )
-    .await?;
+    let store = Store::open(&config.store_options()?).await?;
     let settings = Settings::from_config(config)?;
     let (kid, key_created) = ensure_active_key(&store, &backend, &settings, "cli").await?;
     let authority = Authority::open(store.clone(), backend, settings).await?;

@@ -8,6 +8,7 @@ mod client;
 mod enroll;
 mod enroll_tpm;
 mod init;
+mod periodic;
 mod serve;
 mod verify;
 

@@ -74,19 +74,22 @@ pub async fn build_service_with(config: &Config, sessions: Option<usize>) -> any
             "the key backend is {name}, a software simulator: keys are NOT protected by hardware; use it for development and tests only"
         );
     }
-    let store = Store::open(
-        &config.store_url(),
-        config.store.synchronous == crate::config::Synchronous::Full,
-    )
-    .await?;
+    let store = Store::open(&config.store_options()?).await?;
+    let settings = Settings::from_config(config).context("cannot load the enrollment settings")?;
+    // A replica joining an initialised deployment with a device of its own (its TPM) makes
+    // that device's first key; on a shared PKCS#11 token the key is there already.
+    if !store.signing_keys().await?.is_empty() {
+        let (kid, created) = crate::authority::ensure_active_key(&store, &backend, &settings, "serve")
+            .await
+            .context("cannot make this device's signing key")?;
+        if created {
+            tracing::warn!(kid = %kid, "created the first signing key of this replica's device; verifiers that cached the JWKS learn it at their next fetch");
+        }
+    }
     let authority = Arc::new(
-        Authority::open(
-            store,
-            backend.clone(),
-            Settings::from_config(config).context("cannot load the enrollment settings")?,
-        )
-        .await
-        .context("cannot load signing keys")?,
+        Authority::open(store, backend.clone(), settings)
+            .await
+            .context("cannot load signing keys")?,
     );
     let ring = authority.key_ring();
     tracing::info!(backend = backend.kind(), kid = %ring.active.kid, uri = %ring.active.uri, "signing key ready");
@@ -125,31 +128,24 @@ async fn shutdown_signal() {
 /// Runs the service until SIGINT or SIGTERM. On the embedded defaults, a data folder that
 /// was never initialised is initialised first (and the admin token printed once).
 pub async fn serve(config: Config) -> anyhow::Result<()> {
-    if config.is_embedded() && !config.data_dir.join("keygate.db").exists() {
+    // The embedded defaults initialise themselves on first start. A shared database is
+    // initialised once, by `keygate init` on any replica.
+    if config.is_embedded() && config.store.url.is_none() && !config.data_dir.join("keygate.db").exists() {
         super::init(&config, false).await?.report();
     }
     let service = build_service(&config).await?;
+    let _single = service.authority.store().lock_single_server()?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
-    tracing::info!(listen = %config.listen, issuer = %config.issuer(), "keygate listening");
-    // Signed audit checkpoints: on a schedule while the chain grows, and once at shutdown.
-    let authority = service.authority.clone();
-    let every = std::time::Duration::from_secs(config.audit.checkpoint_every_seconds.max(1));
-    let checkpoints = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(every);
-        tick.tick().await;
-        loop {
-            tick.tick().await;
-            if let Err(e) = authority.checkpoint_audit().await {
-                tracing::warn!(error = %e, "cannot sign an audit checkpoint");
-            }
-        }
-    });
-    let lifecycle = tokio::spawn(lifecycle_tasks(
-        service.authority.clone(),
-        std::time::Duration::from_millis(config.rotation.check_every_ms),
-    ));
+    tracing::info!(
+        listen = %config.listen,
+        issuer = %config.issuer(),
+        store = %service.authority.store().url(),
+        device = %service.authority.device(),
+        "keygate listening"
+    );
+    let periodic = super::periodic::start(service.authority.clone(), &config);
     let authority = service.authority.clone();
     let served = axum::serve(
         listener,
@@ -161,46 +157,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         authority.close_streams();
     })
     .await;
-    checkpoints.abort();
-    lifecycle.abort();
+    periodic.abort();
     if let Err(e) = service.authority.checkpoint_audit().await {
         tracing::error!(error = %e, "cannot sign the audit checkpoint at shutdown");
     }
     served.context("server failed")?;
     Ok(())
-}
-
-/// The key-rotation schedule, and forgetting DPoP proof ids whose window has passed.
-async fn lifecycle_tasks(authority: Arc<Authority>, every: std::time::Duration) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut n: u64 = 0;
-    // After a failure (a full TPM, an unreachable HSM), wait longer before the next try,
-    // up to 5 minutes, rather than asking the device again every tick.
-    let mut backoff = std::time::Duration::ZERO;
-    loop {
-        tick.tick().await;
-        match authority.rotation_tick().await {
-            Ok(()) => backoff = std::time::Duration::ZERO,
-            Err(e) => {
-                backoff = (backoff * 2).clamp(
-                    std::time::Duration::from_secs(5),
-                    std::time::Duration::from_secs(300),
-                );
-                tracing::warn!(error = %e, retry_in_s = backoff.as_secs(), "key rotation step failed");
-                tokio::time::sleep(backoff).await;
-            }
-        }
-        n += 1;
-        if n % 60 == 0 {
-            let t = crate::authority::now();
-            if let Err(e) = authority.store().prune_dpop_proofs(t).await {
-                tracing::warn!(error = %e, "cannot prune DPoP proof ids");
-            }
-            // Expired challenges that issued nothing; kept an hour for the curious operator.
-            if let Err(e) = authority.store().prune_enrollments(t - 3600).await {
-                tracing::warn!(error = %e, "cannot prune expired enrollment challenges");
-            }
-        }
-    }
 }

@@ -82,6 +82,11 @@ pub trait KeyBackend: Send + Sync + 'static {
     /// queue on this before they take a blocking thread.
     fn concurrency(&self) -> (usize, std::time::Duration);
 
+    /// Which device this is, as recorded with each key: replicas that share one device (one
+    /// PKCS#11 token) share its keys; a TPM belongs to one machine, so each TPM replica has
+    /// its own (`tpm:<id>`). Stable for as long as the device's keys exist.
+    fn device_id(&self) -> Result<String, KeyError>;
+
     /// Generates a new non-extractable P-256 signing key inside the device.
     fn create_key(&self, label: &str) -> Result<KeyInfo, KeyError>;
 

@@ -1,24 +1,32 @@
-//! Persistent state in SQLite (WAL): API tokens, signing keys, issued tokens, audit log.
+//! Persistent state: API tokens, signing keys, issued tokens, revocations, enrollment, the
+//! audit log. On SQLite (one file, one serving process; the embedded default) or PostgreSQL
+//! (one database, any number of replicas), chosen by the store URL; the layers above do not
+//! know which (docs/adr/0011-replicas-on-postgresql.md).
 //!
-//! Reads go to a connection pool. Every write goes through one writer task
+//! Reads go to a connection pool. Every write goes through one writer task per process
 //! ([`writer`]) that appends the write's audit entry to the hash chain in the same
 //! transaction and commits concurrent writes together (group commit): a write is durable,
-//! and audited, before the caller hears "done", without one `fsync` per request.
+//! and audited, before the caller hears "done". Changes that other parts of this process,
+//! and other replicas, must learn of at once are announced on [`Store::changes`].
 
+mod db;
 mod enroll;
+mod postgres;
 mod rows;
+mod sqlite;
+mod url;
 mod writer;
 
-use std::str::FromStr;
-use std::time::Duration;
+use std::sync::Arc;
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, SqlitePool};
-use tokio::sync::{mpsc, oneshot};
+use secrecy::SecretString;
+use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::audit::{AuditEntry, AuditRecord};
+use db::{Arg, Exec, Pool};
 pub use enroll::EnrollOp;
 pub use rows::{ApiTokenRow, EnrollmentRow, IssuedToken, MachineRow, SigningKeyRow, TokenStatus};
+pub use url::{StoreKind, StoreUrl, redact};
 pub use writer::WriteOp;
 
 /// Store failures. `Unavailable` maps to 503; `Conflict` to 409.
@@ -30,6 +38,7 @@ pub enum StoreError {
     Conflict(String),
     #[error("{0} not found")]
     NotFound(String),
+    /// The URL is shown redacted (no password).
     #[error("cannot open store {url}: {reason}")]
     Open { url: String, reason: String },
     /// A write's precondition did not hold; nothing of it was applied.
@@ -57,7 +66,9 @@ pub enum Refusal {
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
         if let sqlx::Error::Database(db) = &e {
-            if db.is_unique_violation() && !db.message().contains("audit_log") {
+            let on_audit = db.constraint().is_some_and(|c| c.starts_with("audit_log"))
+                || db.message().contains("audit_log");
+            if db.is_unique_violation() && !on_audit {
                 return StoreError::Conflict("the record exists already".into());
             }
         }
@@ -65,54 +76,150 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
-struct Job {
-    ops: Vec<WriteOp>,
-    audit: AuditRecord,
-    reply: oneshot::Sender<Result<Vec<u64>, StoreError>>,
+/// Something other readers must learn of at once: within this process from the writer,
+/// across replicas through PostgreSQL `NOTIFY` (sent inside the write's transaction, so only
+/// committed changes are announced).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// A token (or a machine's tokens) joined the revocation list.
+    Revoked,
+    /// An API token was deleted: it must be refused from now on.
+    ApiTokenDeleted(String),
+    /// A signing key was created or changed state.
+    Keys,
+    /// Announcements may have been missed (the listener reconnected): re-read everything.
+    Resync,
+}
+
+impl Change {
+    fn to_payload(&self) -> String {
+        match self {
+            Change::Revoked => "revoked".into(),
+            Change::ApiTokenDeleted(id) => format!("api_token_deleted:{id}"),
+            Change::Keys => "keys".into(),
+            Change::Resync => "resync".into(),
+        }
+    }
+
+    fn from_payload(p: &str) -> Option<Change> {
+        Some(match p {
+            "revoked" => Change::Revoked,
+            "keys" => Change::Keys,
+            "resync" => Change::Resync,
+            _ => Change::ApiTokenDeleted(p.strip_prefix("api_token_deleted:")?.to_owned()),
+        })
+    }
+}
+
+/// How to open a store.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub url: StoreUrl,
+    /// SQLite `synchronous=FULL` (else NORMAL). PostgreSQL always waits for its WAL flush.
+    pub sqlite_synchronous_full: bool,
+    /// PostgreSQL password kept out of the URL (from a file or a variable).
+    pub password: Option<SecretString>,
+    /// Read pool size.
+    pub max_connections: u32,
+}
+
+impl StoreOptions {
+    /// Defaults for `url`.
+    pub fn new(url: &str) -> Result<StoreOptions, StoreError> {
+        Ok(StoreOptions {
+            url: StoreUrl::parse(url)?,
+            sqlite_synchronous_full: true,
+            password: None,
+            max_connections: 8,
+        })
+    }
 }
 
 /// Handle to the store; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
-    pool: SqlitePool,
+    pool: Pool,
     jobs: mpsc::Sender<Job>,
+    changes: broadcast::Sender<Change>,
+    url: Arc<StoreUrl>,
+    /// PostgreSQL connection settings (for leases), when on PostgreSQL.
+    pg: Option<Arc<sqlx::postgres::PgConnectOptions>>,
 }
 
+use writer::Job;
+
 impl Store {
-    /// Opens (creating if needed) the database at `url`, runs migrations, starts the writer.
-    pub async fn open(url: &str, synchronous_full: bool) -> Result<Store, StoreError> {
-        let open_err = |reason: String| StoreError::Open {
-            url: url.to_owned(),
-            reason,
+    /// Opens the store (creating a SQLite file if needed; never creating a PostgreSQL
+    /// database), applies the migrations, starts the writer and, on PostgreSQL, the change
+    /// listener.
+    pub async fn open(opts: &StoreOptions) -> Result<Store, StoreError> {
+        let (jobs, rx) = mpsc::channel(4096);
+        let changes = broadcast::channel(1024).0;
+        let url = Arc::new(opts.url.clone());
+        let store = match opts.url.kind() {
+            StoreKind::Sqlite => {
+                let (pool, w) =
+                    sqlite::open(&opts.url, opts.sqlite_synchronous_full, opts.max_connections).await?;
+                let pool = Pool::Sqlite(pool);
+                tokio::spawn(writer::run(
+                    writer::Conn::Sqlite(w),
+                    rx,
+                    changes.clone(),
+                    pool.clone(),
+                ));
+                Store {
+                    pool,
+                    jobs,
+                    changes,
+                    url,
+                    pg: None,
+                }
+            }
+            StoreKind::Postgres => {
+                let pg = postgres::connect_options(&opts.url, opts.password.as_ref())?;
+                let pool = postgres::open(&opts.url, &pg, opts.max_connections).await?;
+                let w = Box::new(postgres::PgWriter::new(pg.clone()));
+                tokio::spawn(postgres::listen(pool.clone(), changes.downgrade()));
+                let pool = Pool::Postgres(pool);
+                tokio::spawn(writer::run(
+                    writer::Conn::Postgres(w),
+                    rx,
+                    changes.clone(),
+                    pool.clone(),
+                ));
+                Store {
+                    pool,
+                    jobs,
+                    changes,
+                    url,
+                    pg: Some(Arc::new(pg)),
+                }
+            }
         };
-        let opts = SqliteConnectOptions::from_str(url)
-            .map_err(|e| open_err(e.to_string()))?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(if synchronous_full {
-                SqliteSynchronous::Full
-            } else {
-                SqliteSynchronous::Normal
-            })
-            .busy_timeout(Duration::from_secs(5))
-            .foreign_keys(true);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(8)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect_with(opts.clone())
-            .await
-            .map_err(|e| open_err(e.to_string()))?;
-        sqlx::migrate!("./migrations")
-            .run(&pool)
-            .await
-            .map_err(|e| open_err(e.to_string()))?;
-        // The writer owns a connection of its own, outside the pool.
-        let conn = sqlx::ConnectOptions::connect(&opts)
-            .await
-            .map_err(|e| open_err(e.to_string()))?;
-        let (tx, rx) = mpsc::channel(4096);
-        tokio::spawn(writer::run(conn, rx));
-        Ok(Store { pool, jobs: tx })
+        Ok(store)
+    }
+
+    /// Opens `url` with default options.
+    pub async fn open_url(url: &str) -> Result<Store, StoreError> {
+        Store::open(&StoreOptions::new(url)?).await
+    }
+
+    pub fn kind(&self) -> StoreKind {
+        self.url.kind()
+    }
+
+    /// The store URL with any password hidden.
+    pub fn url(&self) -> String {
+        self.url.redacted()
+    }
+
+    /// Changes as they are committed, by this process or (PostgreSQL) any replica.
+    pub fn changes(&self) -> broadcast::Receiver<Change> {
+        self.changes.subscribe()
+    }
+
+    fn read(&self) -> Exec<'_> {
+        self.pool.exec()
     }
 
     /// Applies `ops` and appends `audit` to the log, atomically: either all of it is
@@ -134,66 +241,107 @@ impl Store {
 
     /// A trivial query: is the database answering?
     pub async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        self.read().execute("SELECT 1", &[]).await?;
         Ok(())
     }
 
+    /// The lease on the periodic `task`: whoever holds it is the one process that runs it.
+    /// On SQLite the single serving process always holds it.
+    pub fn lease(&self, task: &str) -> Lease {
+        Lease(match &self.pg {
+            None => LeaseInner::Local,
+            Some(opts) => LeaseInner::Pg(Box::new(postgres::PgLease::new(opts, task))),
+        })
+    }
+
+    /// On SQLite, makes sure no other `keygate serve` uses this file (an exclusive lock on
+    /// `<file>.serve.lock`, held while the returned guard lives): the API-token cache and
+    /// the revocation feed of one process would not see another's writes at once. Several
+    /// replicas run on PostgreSQL. A no-op there.
+    pub fn lock_single_server(&self) -> Result<Option<std::fs::File>, StoreError> {
+        let Some(path) = self.url.sqlite_path() else {
+            return Ok(None);
+        };
+        let lock_path = format!("{path}.serve.lock");
+        let open_err = |reason: String| StoreError::Open {
+            url: self.url.redacted(),
+            reason,
+        };
+        let mut o = std::fs::OpenOptions::new();
+        o.create(true).truncate(false).write(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+        let f = o
+            .open(&lock_path)
+            .map_err(|e| open_err(format!("cannot open {lock_path}: {e}")))?;
+        match f.try_lock() {
+            Ok(()) => Ok(Some(f)),
+            Err(std::fs::TryLockError::WouldBlock) => Err(open_err(
+                "another keygate serve uses this SQLite database; run several replicas on PostgreSQL (docs/adr/0011-replicas-on-postgresql.md)".into(),
+            )),
+            Err(std::fs::TryLockError::Error(e)) => Err(open_err(format!("cannot lock {lock_path}: {e}"))),
+        }
+    }
+
     pub async fn api_token_by_hash(&self, hash: &[u8]) -> Result<Option<ApiTokenRow>, StoreError> {
-        let row = sqlx::query(
-            "SELECT id, name, token_hash, scopes, created_at, expires_at, created_by
-             FROM api_tokens WHERE token_hash = ?",
-        )
-        .bind(hash)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map(|r| ApiTokenRow::from_row(&r)).transpose()
+        Ok(self
+            .read()
+            .fetch_optional(
+                "SELECT id, name, token_hash, scopes, created_at, expires_at, created_by
+                 FROM api_tokens WHERE token_hash = $1",
+                &[Arg::Bytes(hash)],
+            )
+            .await?)
     }
 
     pub async fn api_tokens(&self) -> Result<Vec<ApiTokenRow>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id, name, token_hash, scopes, created_at, expires_at, created_by
-             FROM api_tokens ORDER BY created_at, id",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(ApiTokenRow::from_row).collect()
+        Ok(self
+            .read()
+            .fetch_all(
+                "SELECT id, name, token_hash, scopes, created_at, expires_at, created_by
+                 FROM api_tokens ORDER BY created_at, id",
+                &[],
+            )
+            .await?)
     }
 
     pub async fn signing_keys(&self) -> Result<Vec<SigningKeyRow>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT kid, uri, backend, state, jwk, certificate, created_at, activated_at, retire_at,
-                    activate_at, destroyed_at
-             FROM signing_keys ORDER BY created_at, kid",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(SigningKeyRow::from_row).collect()
+        Ok(self
+            .read()
+            .fetch_all(
+                "SELECT kid, uri, backend, device, state, jwk, certificate, created_at, activated_at,
+                        retire_at, activate_at, destroyed_at
+                 FROM signing_keys ORDER BY created_at, kid",
+                &[],
+            )
+            .await?)
     }
 
     /// The issued token with this `jti` and its status.
     pub async fn issued_token(&self, jti: &str) -> Result<Option<(IssuedToken, TokenStatus)>, StoreError> {
-        let row = sqlx::query(
-            "SELECT jti, kid, sub, aud, scopes, iat, nbf, exp, one_time, cnf_jkt, issued_by,
-                    redeemed_at, revoked_at
-             FROM issued_tokens WHERE jti = ?",
-        )
-        .bind(jti)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map(|r| IssuedToken::from_row(&r)).transpose()
+        let row: Option<rows::IssuedWithStatus> = self
+            .read()
+            .fetch_optional(
+                "SELECT jti, kid, sub, aud, scopes, iat, nbf, exp, one_time, cnf_jkt, issued_by,
+                        redeemed_at, revoked_at
+                 FROM issued_tokens WHERE jti = $1",
+                &[Arg::Text(jti)],
+            )
+            .await?;
+        Ok(row.map(|r| (r.token, r.status)))
     }
 
     /// Audit entries with `seq > after`, oldest first.
     pub async fn audit_entries(&self, after: i64, limit: i64) -> Result<Vec<AuditEntry>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT seq, at, actor, action, target, outcome, remote_addr, prev_hash, hash
-             FROM audit_log WHERE seq > ? ORDER BY seq LIMIT ?",
-        )
-        .bind(after)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(rows::audit_from_row).collect()
+        let rows: Vec<rows::AuditRow> = self
+            .read()
+            .fetch_all(
+                "SELECT seq, at, actor, action, target, outcome, remote_addr, prev_hash, hash
+                 FROM audit_log WHERE seq > $1 ORDER BY seq LIMIT $2",
+                &[Arg::Int(after), Arg::Int(limit)],
+            )
+            .await?;
+        Ok(rows.into_iter().map(AuditEntry::from).collect())
     }
 
     /// Unexpired revocations with `seq > after` at time `now`: (seq, jti, exp, revoked_at).
@@ -202,19 +350,20 @@ impl Store {
         after: i64,
         now: i64,
     ) -> Result<Vec<(i64, String, i64, i64)>, StoreError> {
-        Ok(sqlx::query_as(
-            "SELECT seq, jti, exp, revoked_at FROM revocations WHERE seq > ? AND exp > ? ORDER BY seq",
-        )
-        .bind(after)
-        .bind(now)
-        .fetch_all(&self.pool)
-        .await?)
+        Ok(self
+            .read()
+            .fetch_all(
+                "SELECT seq, jti, exp, revoked_at FROM revocations WHERE seq > $1 AND exp > $2 ORDER BY seq",
+                &[Arg::Int(after), Arg::Int(now)],
+            )
+            .await?)
     }
 
     /// The newest revocation's seq (0 when there is none).
     pub async fn revocation_seq(&self) -> Result<i64, StoreError> {
-        let r: (Option<i64>,) = sqlx::query_as("SELECT max(seq) FROM revocations")
-            .fetch_one(&self.pool)
+        let r: (Option<i64>,) = self
+            .read()
+            .fetch_one("SELECT max(seq) FROM revocations", &[])
             .await?;
         Ok(r.0.unwrap_or(0))
     }
@@ -222,58 +371,65 @@ impl Store {
     /// How many tokens signed by `kid` are valid at `now` or later, and the latest `exp` of
     /// any token it signed (None: it signed none).
     pub async fn tokens_signed_by(&self, kid: &str, now: i64) -> Result<(i64, Option<i64>), StoreError> {
-        Ok(sqlx::query_as(
-            "SELECT (SELECT count(*) FROM issued_tokens WHERE kid = ?1 AND exp > ?2),
-                    (SELECT max(exp) FROM issued_tokens WHERE kid = ?1)",
-        )
-        .bind(kid)
-        .bind(now)
-        .fetch_one(&self.pool)
-        .await?)
+        Ok(self
+            .read()
+            .fetch_one(
+                "SELECT (SELECT count(*) FROM issued_tokens WHERE kid = $1 AND exp > $2),
+                        (SELECT max(exp) FROM issued_tokens WHERE kid = $1)",
+                &[Arg::Text(kid), Arg::Int(now)],
+            )
+            .await?)
     }
 
     /// A cheap summary of every key's state: it changes whenever any key changes state
-    /// (another process rotated, say).
+    /// (another replica rotated, say).
     pub async fn key_states(&self) -> Result<String, StoreError> {
-        let r: (Option<String>,) = sqlx::query_as(
-            "SELECT group_concat(kid || ':' || state || ':' || coalesce(activate_at, ''), ',')
-             FROM (SELECT kid, state, activate_at FROM signing_keys ORDER BY kid)",
-        )
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(r.0.unwrap_or_default())
+        let rows: Vec<(String, String, String, Option<i64>)> = self
+            .read()
+            .fetch_all(
+                "SELECT kid, device, state, activate_at FROM signing_keys ORDER BY kid",
+                &[],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|(kid, dev, state, at)| format!("{kid}:{dev}:{state}:{}", at.unwrap_or(0)))
+            .collect::<Vec<_>>()
+            .join(","))
     }
 
     /// True when a DPoP proof with this id (`<jkt>.<jti>`) was accepted before.
     pub async fn dpop_proof_seen(&self, id: &str) -> Result<bool, StoreError> {
-        let r: Option<(i64,)> = sqlx::query_as("SELECT 1 FROM dpop_proofs WHERE id = ?")
-            .bind(id)
-            .fetch_optional(&self.pool)
+        let r: Option<(i32,)> = self
+            .read()
+            .fetch_optional("SELECT 1 FROM dpop_proofs WHERE id = $1", &[Arg::Text(id)])
             .await?;
         Ok(r.is_some())
     }
 
     /// Forgets DPoP proof ids whose window has passed.
     pub async fn prune_dpop_proofs(&self, now: i64) -> Result<u64, StoreError> {
-        let r = sqlx::query("DELETE FROM dpop_proofs WHERE exp < ?")
-            .bind(now)
-            .execute(&self.pool)
-            .await?;
-        Ok(r.rows_affected())
+        Ok(self
+            .read()
+            .execute("DELETE FROM dpop_proofs WHERE exp < $1", &[Arg::Int(now)])
+            .await?)
     }
 
     /// Records a signed checkpoint (idempotent for the same seq).
     pub async fn add_checkpoint(&self, c: &crate::audit::Checkpoint) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT OR IGNORE INTO audit_checkpoints (seq, hash, kid, signature, at) VALUES (?, ?, ?, ?, ?)",
-        )
-        .bind(c.seq)
-        .bind(&c.hash)
-        .bind(&c.kid)
-        .bind(&c.signature)
-        .bind(crate::token::verify::now())
-        .execute(&self.pool)
-        .await?;
+        self.read()
+            .execute(
+                "INSERT INTO audit_checkpoints (seq, hash, kid, signature, at) VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT DO NOTHING",
+                &[
+                    Arg::Int(c.seq),
+                    Arg::Text(&c.hash),
+                    Arg::Text(&c.kid),
+                    Arg::Text(&c.signature),
+                    Arg::Int(crate::token::verify::now()),
+                ],
+            )
+            .await?;
         Ok(())
     }
 
@@ -283,47 +439,86 @@ impl Store {
         after: i64,
         upto: i64,
     ) -> Result<Vec<crate::audit::Checkpoint>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT seq, hash, kid, signature FROM audit_checkpoints WHERE seq > ? AND seq <= ? ORDER BY seq",
-        )
-        .bind(after)
-        .bind(upto)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(crate::audit::Checkpoint {
-                    seq: r.try_get("seq")?,
-                    hash: r.try_get("hash")?,
-                    kid: r.try_get("kid")?,
-                    signature: r.try_get("signature")?,
-                })
+        let rows: Vec<(i64, String, String, String)> = self
+            .read()
+            .fetch_all(
+                "SELECT seq, hash, kid, signature FROM audit_checkpoints WHERE seq > $1 AND seq <= $2 ORDER BY seq",
+                &[Arg::Int(after), Arg::Int(upto)],
+            )
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(seq, hash, kid, signature)| crate::audit::Checkpoint {
+                seq,
+                hash,
+                kid,
+                signature,
             })
-            .collect()
+            .collect())
     }
 
     /// (seq, hash) of the newest audit entry, if any.
     pub async fn audit_head(&self) -> Result<Option<(i64, String)>, StoreError> {
-        let row = sqlx::query("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).transpose()
+        Ok(self
+            .read()
+            .fetch_optional("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1", &[])
+            .await?)
     }
 
     /// Row counts of (issued_tokens, api_tokens, audit_log).
     pub async fn counts(&self) -> Result<(i64, i64, i64), StoreError> {
-        let r = sqlx::query(
-            "SELECT (SELECT count(*) FROM issued_tokens), (SELECT count(*) FROM api_tokens),
-                    (SELECT count(*) FROM audit_log)",
-        )
-        .fetch_one(&self.pool)
-        .await?;
-        Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?))
+        Ok(self
+            .read()
+            .fetch_one(
+                "SELECT (SELECT count(*) FROM issued_tokens), (SELECT count(*) FROM api_tokens),
+                        (SELECT count(*) FROM audit_log)",
+                &[],
+            )
+            .await?)
     }
 
     /// Closes the pool after the writer drains.
     pub async fn close(self) {
         drop(self.jobs);
         self.pool.close().await;
+    }
+}
+
+/// The right to run one periodic task, held by one process at a time: on PostgreSQL a
+/// session advisory lock on a connection of its own, freed by the database when the
+/// process or its connection dies.
+pub struct Lease(LeaseInner);
+
+enum LeaseInner {
+    Local,
+    Pg(Box<postgres::PgLease>),
+}
+
+impl Lease {
+    /// True when this process holds the lease now: a held lease is checked (its connection
+    /// must answer), a free one is taken. Never waits more than about 2 s.
+    pub async fn hold(&mut self) -> bool {
+        match &mut self.0 {
+            LeaseInner::Local => true,
+            LeaseInner::Pg(l) => l.hold().await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changes_round_trip_as_payloads() {
+        for c in [
+            Change::Revoked,
+            Change::Keys,
+            Change::Resync,
+            Change::ApiTokenDeleted("at_0011".into()),
+        ] {
+            assert_eq!(Change::from_payload(&c.to_payload()), Some(c));
+        }
+        assert_eq!(Change::from_payload("nonsense"), None);
     }
 }

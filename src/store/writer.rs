@@ -1,28 +1,26 @@
-//! The single writer: group commit, the audit hash chain, and bulk statements.
+//! The single writer of each process: group commit, the audit hash chain, bulk statements.
 //!
-//! The writer owns one connection. Each batch of queued writes is one `BEGIN IMMEDIATE`
-//! transaction. Under load every statement sent to sqlx's SQLite worker thread costs a
-//! thread hand-off that waits for a CPU, so the fast path sends the whole batch as ONE
-//! multi-statement query: `BEGIN IMMEDIATE; INSERT tokens...; INSERT audit...; COMMIT`
-//! (docs/benchmarks.md). It applies to batches of issued tokens and bare audit entries.
+//! The writer owns one connection. Each batch of queued writes is one transaction that holds
+//! the database's write lock (SQLite `BEGIN IMMEDIATE`; PostgreSQL an advisory lock shared by
+//! every replica, `postgres.rs`) and commits concurrent writes together: a write is durable,
+//! and audited, before its caller hears "done", without one sync per request.
 //!
-//! The audit chain head is kept in memory and checked by the database: `seq` is the primary
-//! key, so if another process appended to the log meanwhile, the batch collides on `seq`,
-//! rolls back, and is redone on the careful path. The careful path reads the head inside its
-//! transaction and applies each write under its own savepoint, so one bad write fails alone
-//! and leaves no trace, not even its audit entry.
+//! - The **fast path** (batches of issued tokens and bare audit entries: all the hot
+//!   traffic) writes every row of the batch with one statement (`sqlite.rs`, `postgres.rs`).
+//! - The **careful path** (everything else, and any batch whose fast path failed) applies
+//!   each write under its own savepoint, so one bad write fails alone and leaves no trace,
+//!   not even its audit entry ([`commit_each`], shared by both databases).
 
-use sqlx::sqlite::SqliteConnection;
-use sqlx::{Connection, Executor, QueryBuilder, Row, Sqlite, Transaction};
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc, oneshot};
 
+use super::db::{Arg, Exec};
 use super::rows::{ApiTokenRow, IssuedToken, SigningKeyRow};
-use super::{Job, Refusal, StoreError};
+use super::{Change, Refusal, StoreError, StoreKind};
 use crate::audit::{self, AuditRecord};
 
-/// Most writes committed in one transaction (also bounds bulk statement parameters:
-/// 512 x 11 < SQLite's 32766).
-const MAX_BATCH: usize = 512;
+/// Most writes committed in one transaction (also bounds statement parameters:
+/// 512 x 20 < SQLite's 32766 and PostgreSQL's 65535).
+pub(super) const MAX_BATCH: usize = 512;
 
 /// One change to apply with an audit entry.
 #[derive(Debug, Clone)]
@@ -64,96 +62,161 @@ pub enum WriteOp {
         kid: String,
         at: i64,
     },
+    /// Gives keys recorded without a device (before several devices existed) to `device`.
+    AdoptKeys {
+        kids: Vec<String>,
+        device: String,
+    },
     /// Challenges and machines (`enroll.rs`).
     Enroll(super::EnrollOp),
 }
 
-/// (seq, hash) of the last audit entry, read through `exec`.
-async fn chain_head<'e, E: sqlx::SqliteExecutor<'e>>(exec: E) -> Result<(i64, String), StoreError> {
-    let row = sqlx::query("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
-        .fetch_optional(exec)
-        .await?;
-    Ok(match row {
-        Some(r) => (r.try_get(0)?, r.try_get(1)?),
-        None => (0, audit::GENESIS.to_owned()),
-    })
-}
-
-pub(super) async fn run(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Job>) {
-    let mut head = match chain_head(&mut conn).await {
-        Ok(h) => Some(h),
-        Err(e) => {
-            tracing::error!(error = %e, "cannot read the audit chain head");
-            None
-        }
-    };
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let jobs = std::mem::take(&mut batch);
-        let fast = match &head {
-            Some(h) if jobs.iter().all(Job::bulk_ok) => Some(commit_bulk(&mut conn, &jobs, h).await),
-            _ => None,
-        };
-        let results = match fast {
-            Some(Ok((results, new_head))) => {
-                head = Some(new_head);
-                results
-            }
-            failed_or_not_tried => {
-                if let Some(Err(e)) = failed_or_not_tried {
-                    tracing::debug!(error = %e, writes = jobs.len(), "batch failed; writing one by one");
-                    // Leave no transaction open behind a failed multi-statement query.
-                    let _ = conn.execute("ROLLBACK").await;
-                }
-                match commit_each(&mut conn, &jobs).await {
-                    Ok((results, new_head)) => {
-                        head = Some(new_head);
-                        results
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, writes = jobs.len(), "store commit failed");
-                        head = None;
-                        jobs.iter()
-                            .map(|_| Err(StoreError::Unavailable(e.to_string())))
-                            .collect()
-                    }
-                }
-            }
-        };
-        for (job, res) in jobs.into_iter().zip(results) {
-            let _ = job.reply.send(res);
-        }
-    }
+/// A queued write and where its result goes.
+pub(super) struct Job {
+    pub(super) ops: Vec<WriteOp>,
+    pub(super) audit: AuditRecord,
+    pub(super) reply: oneshot::Sender<Result<Vec<u64>, StoreError>>,
 }
 
 impl Job {
     /// True for writes the fast path handles: issued tokens and bare audit entries.
-    fn bulk_ok(&self) -> bool {
+    pub(super) fn bulk_ok(&self) -> bool {
         self.ops.iter().all(|op| matches!(op, WriteOp::InsertIssued(_)))
     }
 }
 
-type Results = Vec<Result<Vec<u64>, StoreError>>;
+/// What one job did: rows affected per op, and the changes other readers must hear of.
+pub(super) type Applied = (Vec<u64>, Vec<Change>);
+
+/// The outcome of a committed batch: per job, and the chain head after it.
+pub(super) struct Batch {
+    pub(super) results: Vec<Result<Applied, StoreError>>,
+    pub(super) head: (i64, String),
+}
+
+/// The writer's connection.
+pub(super) enum Conn {
+    Sqlite(super::sqlite::SqliteWriter),
+    Postgres(Box<super::postgres::PgWriter>),
+}
+
+/// Runs until every [`super::Store`] handle is gone, then closes `pool` (which ends the
+/// change listener too).
+pub(super) async fn run(
+    mut conn: Conn,
+    mut rx: mpsc::Receiver<Job>,
+    changes: broadcast::Sender<Change>,
+    pool: super::db::Pool,
+) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let jobs = std::mem::take(&mut batch);
+        let outcome = match &mut conn {
+            Conn::Sqlite(w) => w.commit(&jobs).await,
+            Conn::Postgres(w) => w.commit(&jobs).await,
+        };
+        let results: Vec<Result<Applied, StoreError>> = match outcome {
+            Ok(b) => b.results,
+            Err(e) => {
+                tracing::error!(error = %e, writes = jobs.len(), "store commit failed");
+                jobs.iter()
+                    .map(|_| Err(StoreError::Unavailable(e.to_string())))
+                    .collect()
+            }
+        };
+        for (job, res) in jobs.into_iter().zip(results) {
+            let reply = res.map(|(affected, made)| {
+                for c in made {
+                    // Nobody listening is not an error.
+                    let _ = changes.send(c);
+                }
+                affected
+            });
+            let _ = job.reply.send(reply);
+        }
+    }
+    pool.close().await;
+}
 
 /// Chain positions for `jobs` after `head`: (seq, at, prev_hash, hash) each.
-fn chain(jobs: &[&Job], head: &(i64, String)) -> Vec<(i64, i64, String, String)> {
+pub(super) fn chain<'a>(
+    audits: impl Iterator<Item = &'a AuditRecord>,
+    head: &(i64, String),
+) -> Vec<(i64, i64, String, String)> {
     let at = crate::token::verify::now();
     let (mut seq, mut prev) = head.clone();
-    jobs.iter()
-        .map(|j| {
+    audits
+        .map(|r| {
             seq += 1;
-            let hash = audit::chain_hash(&prev, seq, at, &j.audit);
+            let hash = audit::chain_hash(&prev, seq, at, r);
             (seq, at, std::mem::replace(&mut prev, hash.clone()), hash)
         })
         .collect()
 }
 
-/// The fast path: the whole batch as one multi-statement query (one worker round trip).
-async fn commit_bulk(
-    conn: &mut SqliteConnection,
-    jobs: &[Job],
-    head: &(i64, String),
-) -> Result<(Results, (i64, String)), StoreError> {
+const ISSUED_COLS: &str = "jti, kid, sub, aud, scopes, iat, nbf, exp, one_time, cnf_jkt, issued_by";
+const AUDIT_COLS: &str = "seq, at, actor, action, target, outcome, remote_addr, prev_hash, hash";
+
+/// `VALUES ($k, …), (…)` for `rows` rows of `cols` values each, numbered after `first`.
+fn values(rows: usize, cols: usize, first: usize) -> String {
+    let mut s = String::with_capacity(rows * cols * 5 + 8);
+    s.push_str("VALUES ");
+    for r in 0..rows {
+        if r > 0 {
+            s.push(',');
+        }
+        s.push('(');
+        for c in 0..cols {
+            if c > 0 {
+                s.push(',');
+            }
+            s.push('$');
+            s.push_str(&(first + r * cols + c + 1).to_string());
+        }
+        s.push(')');
+    }
+    s
+}
+
+fn issued_args<'a>(t: &'a IssuedToken, args: &mut Vec<Arg<'a>>) {
+    args.extend([
+        Arg::Text(&t.jti),
+        Arg::Text(&t.kid),
+        Arg::Text(&t.sub),
+        Arg::Text(&t.aud),
+        Arg::Text(&t.scopes),
+        Arg::Int(t.iat),
+        Arg::Int(t.nbf),
+        Arg::Int(t.exp),
+        Arg::Bool(t.one_time),
+        Arg::OptText(t.cnf_jkt.as_deref()),
+        Arg::Text(&t.issued_by),
+    ]);
+}
+
+fn audit_args<'a>(r: &'a AuditRecord, link: &'a (i64, i64, String, String), args: &mut Vec<Arg<'a>>) {
+    let (seq, at, prev, hash) = link;
+    args.extend([
+        Arg::Int(*seq),
+        Arg::Int(*at),
+        Arg::Text(&r.actor),
+        Arg::Text(&r.action),
+        Arg::Text(&r.target),
+        Arg::Text(&r.outcome),
+        Arg::Text(&r.remote_addr),
+        Arg::Text(prev),
+        Arg::Text(hash),
+    ]);
+}
+
+/// One statement that inserts every issued token of `jobs` and their audit entries at
+/// `links` (from [`chain`]): on PostgreSQL (`cte`) a data-modifying CTE, on SQLite two
+/// statements (the caller wraps them in its transaction). Returns the SQL and its arguments.
+pub(super) fn bulk_statement<'a>(
+    jobs: &'a [Job],
+    links: &'a [(i64, i64, String, String)],
+    cte: bool,
+) -> (String, Vec<Arg<'a>>) {
     let issued: Vec<&IssuedToken> = jobs
         .iter()
         .flat_map(|j| &j.ops)
@@ -162,177 +225,159 @@ async fn commit_bulk(
             _ => None,
         })
         .collect();
-    let all: Vec<&Job> = jobs.iter().collect();
-    let links = chain(&all, head);
-    let mut qb = QueryBuilder::<Sqlite>::new("BEGIN IMMEDIATE; ");
+    let mut args = Vec::with_capacity(issued.len() * 11 + jobs.len() * 9);
+    for t in &issued {
+        issued_args(t, &mut args);
+    }
+    let audit_values = values(jobs.len(), 9, args.len());
+    for (job, link) in jobs.iter().zip(links) {
+        audit_args(&job.audit, link, &mut args);
+    }
+    let mut sql = String::new();
     if !issued.is_empty() {
-        push_issued(&mut qb, &issued);
-        qb.push("; ");
+        let v = values(issued.len(), 11, 0);
+        if cte {
+            sql.push_str(&format!(
+                "WITH t AS (INSERT INTO issued_tokens ({ISSUED_COLS}) {v}) "
+            ));
+        } else {
+            sql.push_str(&format!("INSERT INTO issued_tokens ({ISSUED_COLS}) {v}; "));
+        }
     }
-    push_audit(&mut qb, &all, &links);
-    qb.push("; COMMIT");
-    // Prepared statements are cached per batch size (sqlx keeps the last 100); under load
-    // the sizes repeat, so most batches skip parsing the SQL.
-    qb.build().execute(&mut *conn).await?;
-    let results = jobs.iter().map(|j| Ok(vec![1; j.ops.len()])).collect();
-    let new_head = links
-        .last()
-        .map(|(seq, _, _, hash)| (*seq, hash.clone()))
-        .unwrap_or_else(|| head.clone());
-    Ok((results, new_head))
+    sql.push_str(&format!("INSERT INTO audit_log ({AUDIT_COLS}) {audit_values}"));
+    (sql, args)
 }
 
-/// The careful path: one savepoint per write; a failing write is rolled back alone.
-async fn commit_each(
-    conn: &mut SqliteConnection,
+/// The per-job outcome of a committed bulk batch.
+pub(super) fn bulk_outcome(
     jobs: &[Job],
-) -> Result<(Results, (i64, String)), StoreError> {
-    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
-    let mut head = chain_head(&mut *tx).await?;
-    let mut results = Vec::with_capacity(jobs.len());
-    for job in jobs {
-        let mut sp = sqlx::Acquire::begin(&mut tx).await?;
-        let applied: Result<Vec<u64>, StoreError> = async {
-            let mut affected = Vec::with_capacity(job.ops.len());
-            for op in &job.ops {
-                affected.push(apply_op(&mut sp, op).await?);
+    head: &(i64, String),
+    links: &[(i64, i64, String, String)],
+) -> Batch {
+    Batch {
+        results: jobs
+            .iter()
+            .map(|j| Ok((vec![1; j.ops.len()], Vec::new())))
+            .collect(),
+        head: links
+            .last()
+            .map(|(seq, _, _, hash)| (*seq, hash.clone()))
+            .unwrap_or_else(|| head.clone()),
+    }
+}
+
+/// (seq, hash) of the last audit entry.
+pub(super) async fn chain_head(ex: &mut Exec<'_>) -> Result<(i64, String), StoreError> {
+    Ok(ex
+        .fetch_optional::<(i64, String)>("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1", &[])
+        .await?
+        .unwrap_or_else(|| (0, audit::GENESIS.to_owned())))
+}
+
+/// The careful path: `begin` (which takes the write lock), the head read inside the
+/// transaction, then one savepoint per job; a failing job is rolled back alone.
+pub(super) async fn commit_each(ex: &mut Exec<'_>, jobs: &[Job], begin: &str) -> Result<Batch, StoreError> {
+    ex.raw(begin).await?;
+    let r = async {
+        let mut head = chain_head(ex).await?;
+        let mut results = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            ex.execute("SAVEPOINT job", &[]).await?;
+            match apply_job(ex, job, &head).await {
+                Ok((applied, new_head)) => {
+                    ex.execute("RELEASE SAVEPOINT job", &[]).await?;
+                    head = new_head;
+                    results.push(Ok(applied));
+                }
+                Err(e) => {
+                    ex.execute("ROLLBACK TO SAVEPOINT job", &[]).await?;
+                    ex.execute("RELEASE SAVEPOINT job", &[]).await?;
+                    results.push(Err(e));
+                }
             }
-            let link = chain(&[job], &head);
-            insert_audit(&mut sp, &[job], &link).await?;
-            if let Some((seq, _, _, hash)) = link.into_iter().next() {
-                head = (seq, hash);
-            }
-            Ok(affected)
         }
-        .await;
-        match applied {
-            Ok(a) => {
-                sp.commit().await?;
-                results.push(Ok(a));
+        ex.execute("COMMIT", &[]).await?;
+        Ok(Batch { results, head })
+    }
+    .await;
+    if r.is_err() {
+        let _ = ex.raw("ROLLBACK").await;
+    }
+    r
+}
+
+/// One job's ops and its audit entry after `head`.
+async fn apply_job(
+    ex: &mut Exec<'_>,
+    job: &Job,
+    head: &(i64, String),
+) -> Result<(Applied, (i64, String)), StoreError> {
+    let mut affected = Vec::with_capacity(job.ops.len());
+    let mut changes = Vec::new();
+    for op in &job.ops {
+        let (n, change) = apply_op(ex, op).await?;
+        affected.push(n);
+        if let Some(c) = change {
+            if ex.kind() == StoreKind::Postgres {
+                super::postgres::notify(ex, &c).await?;
             }
-            Err(e) => {
-                sp.rollback().await?;
-                // The chain head in memory may have moved past what was rolled back.
-                head = chain_head(&mut *tx).await?;
-                results.push(Err(e));
-            }
+            changes.push(c);
         }
     }
-    tx.commit().await?;
-    Ok((results, head))
+    let links = chain(std::iter::once(&job.audit), head);
+    let mut args = Vec::with_capacity(9);
+    let link = links
+        .first()
+        .ok_or_else(|| StoreError::Unavailable("no chain link".into()))?;
+    audit_args(&job.audit, link, &mut args);
+    ex.execute(
+        &format!("INSERT INTO audit_log ({AUDIT_COLS}) {}", values(1, 9, 0)),
+        &args,
+    )
+    .await?;
+    Ok(((affected, changes), (link.0, link.3.clone())))
 }
 
-async fn insert_issued(tx: &mut Transaction<'_, Sqlite>, rows: &[&IssuedToken]) -> Result<(), StoreError> {
-    let mut qb = QueryBuilder::<Sqlite>::new("");
-    push_issued(&mut qb, rows);
-    qb.build().persistent(false).execute(&mut **tx).await?;
-    Ok(())
-}
-
-fn push_issued<'a>(qb: &mut QueryBuilder<'a, Sqlite>, rows: &[&'a IssuedToken]) {
-    qb.push("INSERT INTO issued_tokens (jti, kid, sub, aud, scopes, iat, nbf, exp, one_time, cnf_jkt, issued_by) ");
-    qb.push_values(rows, |mut b, t| {
-        b.push_bind(&t.jti)
-            .push_bind(&t.kid)
-            .push_bind(&t.sub)
-            .push_bind(&t.aud)
-            .push_bind(&t.scopes)
-            .push_bind(t.iat)
-            .push_bind(t.nbf)
-            .push_bind(t.exp)
-            .push_bind(t.one_time as i64)
-            .push_bind(&t.cnf_jkt)
-            .push_bind(&t.issued_by);
-    });
-}
-
-async fn insert_audit(
-    tx: &mut Transaction<'_, Sqlite>,
-    jobs: &[&Job],
-    links: &[(i64, i64, String, String)],
-) -> Result<(), StoreError> {
-    let mut qb = QueryBuilder::<Sqlite>::new("");
-    push_audit(&mut qb, jobs, links);
-    qb.build().persistent(false).execute(&mut **tx).await?;
-    Ok(())
-}
-
-fn push_audit<'a>(
-    qb: &mut QueryBuilder<'a, Sqlite>,
-    jobs: &[&'a Job],
-    links: &'a [(i64, i64, String, String)],
-) {
-    qb.push("INSERT INTO audit_log (seq, at, actor, action, target, outcome, remote_addr, prev_hash, hash) ");
-    qb.push_values(jobs.iter().zip(links), |mut b, (job, (seq, at, prev, hash))| {
-        let r: &'a AuditRecord = &job.audit;
-        b.push_bind(*seq)
-            .push_bind(*at)
-            .push_bind(&r.actor)
-            .push_bind(&r.action)
-            .push_bind(&r.target)
-            .push_bind(&r.outcome)
-            .push_bind(&r.remote_addr)
-            .push_bind(prev)
-            .push_bind(hash);
-    });
-}
-
-async fn apply_op(tx: &mut Transaction<'_, Sqlite>, op: &WriteOp) -> Result<u64, StoreError> {
-    let done = match op {
+/// Applies one op; returns rows affected and the change it makes, if others must hear.
+async fn apply_op(ex: &mut Exec<'_>, op: &WriteOp) -> Result<(u64, Option<Change>), StoreError> {
+    let n = match op {
         WriteOp::InsertIssued(t) => {
-            insert_issued(tx, &[t]).await?;
-            return Ok(1);
+            let mut args = Vec::with_capacity(11);
+            issued_args(t, &mut args);
+            ex.execute(
+                &format!("INSERT INTO issued_tokens ({ISSUED_COLS}) {}", values(1, 11, 0)),
+                &args,
+            )
+            .await?
         }
         WriteOp::InsertApiToken(t) => {
-            sqlx::query(
+            ex.execute(
                 "INSERT INTO api_tokens (id, name, token_hash, scopes, created_at, expires_at, created_by)
-                 VALUES (?, ?, ?, ?, ?, ?, ?)",
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                &[
+                    Arg::Text(&t.id),
+                    Arg::Text(&t.name),
+                    Arg::Bytes(&t.token_hash),
+                    Arg::Text(&t.scopes),
+                    Arg::Int(t.created_at),
+                    Arg::OptInt(t.expires_at),
+                    Arg::Text(&t.created_by),
+                ],
             )
-            .bind(&t.id)
-            .bind(&t.name)
-            .bind(&t.token_hash)
-            .bind(&t.scopes)
-            .bind(t.created_at)
-            .bind(t.expires_at)
-            .bind(&t.created_by)
-            .execute(&mut **tx)
             .await?
         }
         WriteOp::DeleteApiToken(id) => {
-            let r = sqlx::query("DELETE FROM api_tokens WHERE id = ?").bind(id).execute(&mut **tx).await?;
-            if r.rows_affected() == 0 {
+            let n = ex
+                .execute("DELETE FROM api_tokens WHERE id = $1", &[Arg::Text(id)])
+                .await?;
+            if n == 0 {
                 return Err(StoreError::NotFound(format!("API token {id}")));
             }
-            r
+            return Ok((n, Some(Change::ApiTokenDeleted(id.clone()))));
         }
-        WriteOp::Revoke { jti, at, reason } => {
-            let r = sqlx::query(
-                "UPDATE issued_tokens SET revoked_at = ?, revoke_reason = ? WHERE jti = ? AND revoked_at IS NULL",
-            )
-            .bind(at)
-            .bind(reason)
-            .bind(jti)
-            .execute(&mut **tx)
-            .await?;
-            if r.rows_affected() == 0 {
-                let known: Option<(i64,)> = sqlx::query_as("SELECT 1 FROM issued_tokens WHERE jti = ?")
-                    .bind(jti)
-                    .fetch_optional(&mut **tx)
-                    .await?;
-                if known.is_none() {
-                    return Err(StoreError::NotFound(format!("token {jti}")));
-                }
-                return Ok(0);
-            }
-            sqlx::query(
-                "INSERT INTO revocations (jti, exp, revoked_at, reason) SELECT jti, exp, revoked_at, revoke_reason FROM issued_tokens WHERE jti = ?",
-            )
-            .bind(jti)
-            .execute(&mut **tx)
-            .await?
-        }
-        WriteOp::Redeem { jti, at, proof } => return redeem(tx, jti, *at, proof.as_ref()).await,
-        WriteOp::Enroll(op) => return super::enroll::apply(tx, op).await,
+        WriteOp::Revoke { jti, at, reason } => return revoke(ex, jti, *at, reason.as_deref()).await,
+        WriteOp::Redeem { jti, at, proof } => return Ok((redeem(ex, jti, *at, proof.as_ref()).await?, None)),
+        WriteOp::Enroll(op) => return super::enroll::apply(ex, op).await,
         WriteOp::SetKeyState {
             kid,
             from,
@@ -341,101 +386,162 @@ async fn apply_op(tx: &mut Transaction<'_, Sqlite>, op: &WriteOp) -> Result<u64,
             retire_at,
             retired_at,
         } => {
-            let r = sqlx::query(
-                "UPDATE signing_keys SET state = ?,
-                    activated_at = coalesce(?, activated_at),
-                    retire_at = coalesce(?, retire_at),
-                    retired_at = coalesce(?, retired_at),
-                    activate_at = CASE WHEN ? = 'next' THEN activate_at ELSE NULL END
-                 WHERE kid = ? AND state = ?",
-            )
-            .bind(to)
-            .bind(activated_at)
-            .bind(retire_at)
-            .bind(retired_at)
-            .bind(to)
-            .bind(kid)
-            .bind(from)
-            .execute(&mut **tx)
-            .await?;
-            if r.rows_affected() == 0 {
+            let n = ex
+                .execute(
+                    "UPDATE signing_keys SET state = $1,
+                        activated_at = coalesce($2, activated_at),
+                        retire_at = coalesce($3, retire_at),
+                        retired_at = coalesce($4, retired_at),
+                        activate_at = CASE WHEN $1 = 'next' THEN activate_at ELSE NULL END
+                     WHERE kid = $5 AND state = $6",
+                    &[
+                        Arg::Text(to),
+                        Arg::OptInt(*activated_at),
+                        Arg::OptInt(*retire_at),
+                        Arg::OptInt(*retired_at),
+                        Arg::Text(kid),
+                        Arg::Text(from),
+                    ],
+                )
+                .await?;
+            if n == 0 {
                 return Err(StoreError::Refused(Refusal::KeyState));
             }
-            r
+            return Ok((n, Some(Change::Keys)));
         }
         WriteOp::KeyDestroyed { kid, at } => {
-            let r = sqlx::query(
-                "UPDATE signing_keys SET destroyed_at = ? WHERE kid = ? AND state = 'retired' AND destroyed_at IS NULL",
-            )
-            .bind(at)
-            .bind(kid)
-            .execute(&mut **tx)
-            .await?;
-            if r.rows_affected() == 0 {
+            let n = ex
+                .execute(
+                    "UPDATE signing_keys SET destroyed_at = $1 WHERE kid = $2 AND state = 'retired' AND destroyed_at IS NULL",
+                    &[Arg::Int(*at), Arg::Text(kid)],
+                )
+                .await?;
+            if n == 0 {
                 return Err(StoreError::Refused(Refusal::KeyState));
             }
-            r
+            return Ok((n, Some(Change::Keys)));
+        }
+        WriteOp::AdoptKeys { kids, device } => {
+            let mut n = 0;
+            for kid in kids {
+                n += ex
+                    .execute(
+                        "UPDATE signing_keys SET device = $1 WHERE kid = $2 AND device = ''",
+                        &[Arg::Text(device), Arg::Text(kid)],
+                    )
+                    .await?;
+            }
+            return Ok((n, Some(Change::Keys)));
         }
         WriteOp::InsertSigningKey(k) => {
-            sqlx::query(
-                "INSERT INTO signing_keys (kid, uri, backend, state, jwk, certificate, created_at, activated_at, retire_at, activate_at)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(&k.kid)
-            .bind(&k.uri)
-            .bind(&k.backend)
-            .bind(&k.state)
-            .bind(&k.jwk)
-            .bind(&k.certificate)
-            .bind(k.created_at)
-            .bind(k.activated_at)
-            .bind(k.retire_at)
-            .bind(k.activate_at)
-            .execute(&mut **tx)
-            .await?
+            let n = ex
+                .execute(
+                    "INSERT INTO signing_keys (kid, uri, backend, device, state, jwk, certificate, created_at,
+                        activated_at, retire_at, activate_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                    &[
+                        Arg::Text(&k.kid),
+                        Arg::Text(&k.uri),
+                        Arg::Text(&k.backend),
+                        Arg::Text(&k.device),
+                        Arg::Text(&k.state),
+                        Arg::Text(&k.jwk),
+                        Arg::Text(&k.certificate),
+                        Arg::Int(k.created_at),
+                        Arg::OptInt(k.activated_at),
+                        Arg::OptInt(k.retire_at),
+                        Arg::OptInt(k.activate_at),
+                    ],
+                )
+                .await?;
+            return Ok((n, Some(Change::Keys)));
         }
     };
-    Ok(done.rows_affected())
+    Ok((n, None))
+}
+
+/// [`WriteOp::Revoke`]: marks the token revoked and appends it to the revocation list.
+async fn revoke(
+    ex: &mut Exec<'_>,
+    jti: &str,
+    at: i64,
+    reason: Option<&str>,
+) -> Result<(u64, Option<Change>), StoreError> {
+    let n = ex
+        .execute(
+            "UPDATE issued_tokens SET revoked_at = $1, revoke_reason = $2 WHERE jti = $3 AND revoked_at IS NULL",
+            &[Arg::Int(at), Arg::OptText(reason), Arg::Text(jti)],
+        )
+        .await?;
+    if n == 0 {
+        let known: Option<(i32,)> = ex
+            .fetch_optional("SELECT 1 FROM issued_tokens WHERE jti = $1", &[Arg::Text(jti)])
+            .await?;
+        if known.is_none() {
+            return Err(StoreError::NotFound(format!("token {jti}")));
+        }
+        return Ok((0, None));
+    }
+    let n = ex
+        .execute(
+            "INSERT INTO revocations (jti, exp, revoked_at, reason)
+             SELECT jti, exp, revoked_at, revoke_reason FROM issued_tokens WHERE jti = $1",
+            &[Arg::Text(jti)],
+        )
+        .await?;
+    Ok((n, Some(Change::Revoked)))
 }
 
 /// The conditional redemption of [`WriteOp::Redeem`]; 1 when redeemed.
 async fn redeem(
-    tx: &mut Transaction<'_, Sqlite>,
+    ex: &mut Exec<'_>,
     jti: &str,
     at: i64,
     proof: Option<&(String, i64)>,
 ) -> Result<u64, StoreError> {
     if let Some((id, exp)) = proof {
-        let r = sqlx::query("INSERT OR IGNORE INTO dpop_proofs (id, exp) VALUES (?, ?)")
-            .bind(id)
-            .bind(exp)
-            .execute(&mut **tx)
+        let n = ex
+            .execute(
+                "INSERT INTO dpop_proofs (id, exp) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                &[Arg::Text(id), Arg::Int(*exp)],
+            )
             .await?;
-        if r.rows_affected() == 0 {
+        if n == 0 {
             return Err(StoreError::Refused(Refusal::DpopReplay));
         }
     }
     // One statement decides: concurrent redemptions serialize on the write lock, and only the
     // first finds `redeemed_at IS NULL`.
-    let r = sqlx::query(
-        "UPDATE issued_tokens SET redeemed_at = coalesce(redeemed_at, ?)
-         WHERE jti = ? AND revoked_at IS NULL AND (one_time = 0 OR redeemed_at IS NULL)",
-    )
-    .bind(at)
-    .bind(jti)
-    .execute(&mut **tx)
-    .await?;
-    if r.rows_affected() == 1 {
+    let n = ex
+        .execute(
+            "UPDATE issued_tokens SET redeemed_at = coalesce(redeemed_at, $1)
+             WHERE jti = $2 AND revoked_at IS NULL AND (NOT one_time OR redeemed_at IS NULL)",
+            &[Arg::Int(at), Arg::Text(jti)],
+        )
+        .await?;
+    if n == 1 {
         return Ok(1);
     }
-    let state: Option<(Option<i64>, Option<i64>)> =
-        sqlx::query_as("SELECT revoked_at, redeemed_at FROM issued_tokens WHERE jti = ?")
-            .bind(jti)
-            .fetch_optional(&mut **tx)
-            .await?;
+    let state: Option<(Option<i64>, Option<i64>)> = ex
+        .fetch_optional(
+            "SELECT revoked_at, redeemed_at FROM issued_tokens WHERE jti = $1",
+            &[Arg::Text(jti)],
+        )
+        .await?;
     Err(match state {
         None => StoreError::NotFound(format!("token {jti}")),
         Some((Some(_), _)) => StoreError::Refused(Refusal::Revoked),
         Some(_) => StoreError::Refused(Refusal::Redeemed),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_are_numbered_from_first() {
+        assert_eq!(values(2, 3, 0), "VALUES ($1,$2,$3),($4,$5,$6)");
+        assert_eq!(values(1, 2, 6), "VALUES ($7,$8)");
+    }
 }

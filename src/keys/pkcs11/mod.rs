@@ -26,6 +26,9 @@ pub use session::rv_name;
 pub use token::init_token;
 pub use uri::Pkcs11Uri;
 
+/// The device id of PKCS#11 keys ([`KeyBackend::device_id`]).
+pub const PKCS11_DEVICE: &str = "pkcs11";
+
 /// `[pkcs11]` configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -237,6 +240,12 @@ impl KeyBackend for Pkcs11Backend {
 
     fn concurrency(&self) -> (usize, Duration) {
         self.pool.limits()
+    }
+
+    /// One PKCS#11 token per deployment: every replica that reaches it (a network HSM, or
+    /// the shared SoftHSM2 token of the tests) uses the same keys.
+    fn device_id(&self) -> Result<String, KeyError> {
+        Ok(PKCS11_DEVICE.into())
     }
 
     fn create_key(&self, label: &str) -> Result<KeyInfo, KeyError> {

@@ -210,6 +210,32 @@ impl TpmBackend {
         })
     }
 
+    /// This TPM's identity: `tpm:` and the first 16 hex digits of the SHA-256 of its owner
+    /// storage primary's public point. The primary is derived from the owner seed, so the
+    /// id stays the same for as long as the TPM's keys do (clearing the owner hierarchy
+    /// changes both).
+    pub(super) fn identity(&self) -> Result<String, KeyError> {
+        self.with_context(|ctx| {
+            let template = storage_primary().map_err(|e| tss_error("template", e))?;
+            let created = ctx
+                .execute_with_nullauth_session(|ctx| {
+                    ctx.create_primary(Hierarchy::Owner, template, None, None, None, None)
+                })
+                .map_err(|e| tss_error("CreatePrimary(owner)", e))?;
+            let _ = ctx.flush_context(created.key_handle.into());
+            let Public::Ecc { unique, .. } = &created.out_public else {
+                return Err(KeyError::BadPublicKey(
+                    "the storage primary is not an ECC key".into(),
+                ));
+            };
+            let mut ctx_hash = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+            ctx_hash.update(unique.x().value());
+            ctx_hash.update(unique.y().value());
+            let id = hex::encode(&ctx_hash.finish().as_ref()[..8]);
+            Ok(format!("tpm:{id}"))
+        })
+    }
+
     pub(super) fn list(&self) -> Result<Vec<KeyInfo>, KeyError> {
         self.with_context(|ctx| {
             let mut out = Vec::new();

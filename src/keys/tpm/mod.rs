@@ -182,6 +182,10 @@ impl KeyBackend for TpmBackend {
         (1, Duration::from_millis(self.config.timeout_ms))
     }
 
+    fn device_id(&self) -> Result<String, KeyError> {
+        self.identity()
+    }
+
     fn create_key(&self, label: &str) -> Result<KeyInfo, KeyError> {
         self.generate(label)
     }

@@ -1,9 +1,10 @@
-//! Configuration: TOML with `deny_unknown_fields`, then the environment overrides
-//! `KEYGATE_DATA_DIR`, `KEYGATE_LISTEN`, `KEYGATE_BACKEND`, `KEYGATE_TPM_TCTI`, `KEYGATE_ENROLL_MODE`
-//! and `KEYGATE_ENROLL_CA_DIR` (`KEYGATE_CONFIG` names the file).
+//! Configuration: TOML with `deny_unknown_fields`, then the environment overrides (one
+//! table, [`ENV_OVERRIDES`]; `KEYGATE_CONFIG` names the file).
 //!
 //! With no file at all keygate runs on its embedded defaults: a SoftHSM2 token and an SQLite
 //! database under the data folder (`./keygate-data`, or `KEYGATE_DATA_DIR`).
+
+mod sections;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -13,6 +14,21 @@ use serde::{Deserialize, Serialize};
 use crate::keys::SecretSource;
 use crate::keys::pkcs11::{Pkcs11Config, default_acquire_ms, default_sessions};
 use crate::keys::tpm::TpmConfig;
+pub use sections::*;
+
+/// Every environment variable that overrides the file, and what it overrides.
+pub const ENV_OVERRIDES: [(&str, &str); 10] = [
+    ("KEYGATE_DATA_DIR", "data_dir"),
+    ("KEYGATE_LISTEN", "listen"),
+    ("KEYGATE_PUBLIC_URL", "public_base_url"),
+    ("KEYGATE_ISSUER", "issuer"),
+    ("KEYGATE_STORE_URL", "[store] url"),
+    ("KEYGATE_BACKEND", "backend"),
+    ("KEYGATE_TPM_TCTI", "[tpm] tcti"),
+    ("KEYGATE_ENROLL_MODE", "[enroll] mode"),
+    ("KEYGATE_ENROLL_CA_DIR", "[enroll] ca_dir"),
+    ("KEYGATE_CONFIG", "(names the file itself)"),
+];
 
 /// Debian's SoftHSM2 module path (FACTS.md).
 pub const SOFTHSM2_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
@@ -80,240 +96,6 @@ pub struct Config {
     pub enroll: EnrollConfig,
 }
 
-/// How the EK of an enrolling machine is trusted (`KEYGATE_ENROLL_MODE`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub enum EnrollMode {
-    /// The EK certificate chains to a TPM manufacturer CA in `ca_dir`.
-    #[default]
-    #[serde(rename = "ek-ca")]
-    EkCa,
-    /// The EK hash is registered by an operator (`POST /v1/enroll/machines`).
-    #[serde(rename = "allowlist")]
-    Allowlist,
-}
-
-/// Attestation-gated enrollment (API.md; docs/api-notes.md).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EnrollConfig {
-    #[serde(default)]
-    pub mode: EnrollMode,
-    /// Folder of TPM manufacturer CA certificates (`KEYGATE_ENROLL_CA_DIR`).
-    #[serde(default = "default_enroll_ca_dir")]
-    pub ca_dir: PathBuf,
-    /// How long a challenge can be completed, once.
-    #[serde(default = "default_challenge_ttl")]
-    pub challenge_ttl_seconds: u64,
-    /// PCRs the quote must cover, like `sha256:0,1,2,3,4,5,6,7`.
-    #[serde(default = "default_pcr_selection")]
-    pub pcr_selection: String,
-    /// Golden values: PCR index → accepted hex digests (any of them). Empty: any boot state.
-    #[serde(default)]
-    pub pcr_policy: std::collections::BTreeMap<String, Vec<String>>,
-    /// `aud` of the provisioning tokens enrollment issues.
-    #[serde(default = "default_enroll_audience")]
-    pub audience: String,
-    #[serde(default)]
-    pub scopes: Vec<String>,
-    /// Token lifetime (default `tokens.default_ttl_seconds`; at most `tokens.max_ttl_seconds`).
-    #[serde(default)]
-    pub token_ttl_seconds: Option<u64>,
-    /// Whether the token can be redeemed once only.
-    #[serde(default = "default_true")]
-    pub one_time: bool,
-}
-
-impl Default for EnrollConfig {
-    fn default() -> Self {
-        toml::from_str("").unwrap_or_else(|_| unreachable!())
-    }
-}
-
-fn default_enroll_ca_dir() -> PathBuf {
-    PathBuf::from("hsm-config/tpm-ca")
-}
-fn default_challenge_ttl() -> u64 {
-    60
-}
-fn default_pcr_selection() -> String {
-    "sha256:0,1,2,3,4,5,6,7".into()
-}
-fn default_enroll_audience() -> String {
-    "keygate-enroll".into()
-}
-fn default_true() -> bool {
-    true
-}
-
-/// Signing-key rotation (docs/adr/0007-key-rotation.md).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RotationConfig {
-    /// Rotate the active key this long after it became active (0: only by hand).
-    #[serde(default = "default_rotate_every")]
-    pub rotate_every_seconds: u64,
-    /// A new key is published this long before it signs (API.md: default 10 min). Must be
-    /// at least `jwks_max_age_seconds`, so every verifier has fetched it in time.
-    #[serde(default = "default_publish_lead")]
-    pub publish_lead_seconds: u64,
-    /// `Cache-Control: max-age` of the JWKS (at most 300).
-    #[serde(default = "default_jwks_max_age")]
-    pub jwks_max_age_seconds: u64,
-    /// How often the schedule is checked.
-    #[serde(default = "default_rotation_check_ms")]
-    pub check_every_ms: u64,
-}
-
-fn default_rotate_every() -> u64 {
-    30 * 86_400
-}
-fn default_publish_lead() -> u64 {
-    600
-}
-fn default_jwks_max_age() -> u64 {
-    60
-}
-fn default_rotation_check_ms() -> u64 {
-    1000
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AuditConfig {
-    /// Sign a checkpoint of the audit chain this often when it has grown (and at shutdown).
-    #[serde(default = "default_checkpoint_every")]
-    pub checkpoint_every_seconds: u64,
-}
-
-fn default_checkpoint_every() -> u64 {
-    300
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StoreConfig {
-    /// `sqlite:///path/to/keygate.db` (default `<data_dir>/keygate.db`).
-    #[serde(default)]
-    pub url: Option<String>,
-    /// SQLite `synchronous`: `full` (default; every commit survives power loss) or `normal`.
-    #[serde(default)]
-    pub synchronous: Synchronous,
-}
-
-/// SQLite durability: `full` syncs every commit (group commit keeps that cheap); `normal`
-/// may lose the last commits on power loss, never on a crash of keygate alone.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Synchronous {
-    #[default]
-    Full,
-    Normal,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TokenPolicy {
-    #[serde(default = "default_token_ttl")]
-    pub default_ttl_seconds: u64,
-    /// A request above this is refused with 400, never clamped.
-    #[serde(default = "default_token_max_ttl")]
-    pub max_ttl_seconds: u64,
-    /// Leeway of `keygate verify` and the verifier library default.
-    #[serde(default = "default_leeway")]
-    pub leeway_seconds: u64,
-    /// RFC 9449: a DPoP proof's `iat` may be at most this old; its `jti` is remembered as
-    /// long (replay protection).
-    #[serde(default = "default_dpop_max_age")]
-    pub dpop_max_age_seconds: u64,
-}
-
-fn default_dpop_max_age() -> u64 {
-    60
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ApiTokenPolicy {
-    #[serde(default = "default_api_ttl")]
-    pub default_ttl_seconds: u64,
-    #[serde(default = "default_api_max_ttl")]
-    pub max_ttl_seconds: u64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CaConfig {
-    #[serde(default = "default_country")]
-    pub country: String,
-    #[serde(default = "default_org")]
-    pub organization: String,
-    /// Prefix of the CN; the key's kid is appended.
-    #[serde(default = "default_cn")]
-    pub common_name: String,
-    #[serde(default = "default_ca_days")]
-    pub lifetime_days: u64,
-    /// Longest life of a certificate issued at redemption (never past the CA's own).
-    #[serde(default = "default_cert_ttl")]
-    pub certificate_ttl_seconds: u64,
-}
-
-fn default_cert_ttl() -> u64 {
-    86_400
-}
-
-fn default_data_dir() -> PathBuf {
-    PathBuf::from("keygate-data")
-}
-fn default_listen() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 8080))
-}
-fn default_token_ttl() -> u64 {
-    900
-}
-fn default_token_max_ttl() -> u64 {
-    86_400
-}
-fn default_leeway() -> u64 {
-    5
-}
-fn default_api_ttl() -> u64 {
-    30 * 86_400
-}
-fn default_api_max_ttl() -> u64 {
-    365 * 86_400
-}
-fn default_country() -> String {
-    "ZZ".into()
-}
-fn default_org() -> String {
-    "keygate".into()
-}
-fn default_cn() -> String {
-    "keygate root".into()
-}
-fn default_ca_days() -> u64 {
-    3650
-}
-
-macro_rules! default_from_serde {
-    ($($t:ty),*) => {$(
-        impl Default for $t {
-            fn default() -> Self {
-                // An empty table gets every field's serde default.
-                toml::from_str("").unwrap_or_else(|_| unreachable!())
-            }
-        }
-    )*};
-}
-default_from_serde!(
-    StoreConfig,
-    TokenPolicy,
-    ApiTokenPolicy,
-    CaConfig,
-    AuditConfig,
-    RotationConfig
-);
-
 impl Default for Config {
     fn default() -> Self {
         toml::from_str("").unwrap_or_else(|_| unreachable!())
@@ -372,6 +154,23 @@ impl Config {
         }
         if let Some(dir) = std::env::var_os("KEYGATE_ENROLL_CA_DIR") {
             cfg.enroll.ca_dir = PathBuf::from(dir);
+        }
+        for (var, field) in [
+            ("KEYGATE_PUBLIC_URL", &mut cfg.public_base_url),
+            ("KEYGATE_ISSUER", &mut cfg.issuer),
+            ("KEYGATE_STORE_URL", &mut cfg.store.url),
+        ] {
+            match std::env::var(var) {
+                Ok(v) if !v.is_empty() => *field = Some(v),
+                Ok(_) => {}
+                Err(std::env::VarError::NotPresent) => {}
+                Err(std::env::VarError::NotUnicode(_)) => {
+                    return Err(ConfigError::Env {
+                        var,
+                        reason: "not UTF-8".into(),
+                    });
+                }
+            }
         }
         if let Ok(listen) = std::env::var("KEYGATE_LISTEN") {
             cfg.listen = listen.parse().map_err(|_| ConfigError::Env {
@@ -475,13 +274,13 @@ impl Config {
             }
             _ => {}
         }
-        if let Some(t) = &self.tpm {
-            if t.handle_base >> 24 != 0x81 || t.handle_count == 0 || t.timeout_ms == 0 {
-                return Err(ConfigError::Invalid(
+        if let Some(t) = &self.tpm
+            && (t.handle_base >> 24 != 0x81 || t.handle_count == 0 || t.timeout_ms == 0)
+        {
+            return Err(ConfigError::Invalid(
                     "[tpm] handle_base must be a persistent handle 0x81......, handle_count and timeout_ms positive"
                         .into(),
                 ));
-            }
         }
         if let Some(p) = &self.pkcs11 {
             if p.token_label.is_none() && p.token_serial.is_none() {
@@ -502,13 +301,27 @@ impl Config {
             ("public_base_url", &self.public_base_url),
             ("issuer", &self.issuer),
         ] {
-            if let Some(u) = url {
-                if !(u.starts_with("http://") || u.starts_with("https://")) || u.ends_with('/') {
-                    return Err(ConfigError::Invalid(format!(
-                        "{name} must be an http(s) URL without a trailing slash, got {u:?}"
-                    )));
-                }
+            if let Some(u) = url
+                && (!(u.starts_with("http://") || u.starts_with("https://")) || u.ends_with('/'))
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "{name} must be an http(s) URL without a trailing slash, got {u:?}"
+                )));
             }
+        }
+        if let Some(u) = &self.store.url {
+            let url = crate::store::StoreUrl::parse(u)
+                .map_err(|e| ConfigError::Invalid(format!("[store] url: {e}")))?;
+            if url.kind() == crate::store::StoreKind::Sqlite && self.store.password.is_some() {
+                return Err(ConfigError::Invalid(
+                    "[store] password is for PostgreSQL; the store URL names a SQLite file".into(),
+                ));
+            }
+        }
+        if self.store.max_connections == 0 {
+            return Err(ConfigError::Invalid(
+                "store.max_connections must be at least 1".into(),
+            ));
         }
         let country = &self.ca.country;
         if country.len() != 2 || !country.bytes().all(|b| b.is_ascii_uppercase()) {
@@ -556,7 +369,33 @@ impl Config {
         self.issuer.clone().unwrap_or_else(|| self.public_base_url())
     }
 
-    /// The SQLite database URL.
+    /// How to open the store: the URL, and the PostgreSQL password read from where the
+    /// configuration says (never from the configuration text).
+    pub fn store_options(&self) -> Result<crate::store::StoreOptions, ConfigError> {
+        let url = crate::store::StoreUrl::parse(&self.store_url())
+            .map_err(|e| ConfigError::Invalid(format!("[store] url: {e}")))?;
+        let password = match &self.store.password {
+            Some(src) => Some(src.read().map_err(|e| {
+                ConfigError::Invalid(format!("[store] password: {}", e.to_string().replace("PIN ", "")))
+            })?),
+            None => None,
+        };
+        Ok(crate::store::StoreOptions {
+            url,
+            sqlite_synchronous_full: self.store.synchronous == Synchronous::Full,
+            password,
+            max_connections: self.store.max_connections,
+        })
+    }
+
+    /// True when the store is a SQLite file (the default) rather than a shared database.
+    pub fn store_is_sqlite(&self) -> bool {
+        crate::store::StoreUrl::parse(&self.store_url())
+            .is_ok_and(|u| u.kind() == crate::store::StoreKind::Sqlite)
+    }
+
+    /// The store URL (default: the SQLite file in the data folder). May carry a password:
+    /// show it only through [`crate::store::redact`].
     pub fn store_url(&self) -> String {
         self.store
             .url

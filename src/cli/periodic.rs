@@ -1,0 +1,168 @@
+//! The periodic work of `keygate serve`, each task on exactly one replica at a time.
+//!
+//! - **Rotation** of a device's keys (`rotation:<device>`): the lease holder runs the
+//!   schedule; every other replica of the device only reloads its key ring when keys
+//!   changed. Replicas that share a PKCS#11 token share one lease; each TPM has its own.
+//! - **Audit** (`audit`): the lease holder signs checkpoints of the chain and prunes
+//!   forgotten DPoP proof ids and expired enrollment challenges.
+//! - **Key changes** announced by the store (another replica rotated) reload the ring at once,
+//!   on every replica.
+//!
+//! Leases are tried or checked every `check_every_ms` (at most every second), so when the
+//! holder dies another replica takes over within about a second of the database freeing the
+//! lock (at once after a crash or SIGKILL: the connection closes).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::authority::Authority;
+use crate::config::Config;
+use crate::store::{Change, Lease};
+
+/// The running tasks; aborted at shutdown.
+pub struct Periodic(Vec<tokio::task::JoinHandle<()>>);
+
+impl Periodic {
+    pub fn abort(&self) {
+        for h in &self.0 {
+            h.abort();
+        }
+    }
+}
+
+/// Starts the periodic tasks of `authority`.
+pub fn start(authority: Arc<Authority>, config: &Config) -> Periodic {
+    let check = Duration::from_millis(config.rotation.check_every_ms);
+    let lease_every = check.min(Duration::from_secs(1));
+    let checkpoint_every = Duration::from_secs(config.audit.checkpoint_every_seconds.max(1));
+    Periodic(vec![
+        tokio::spawn(rotation(authority.clone(), check, lease_every)),
+        tokio::spawn(audit(authority.clone(), checkpoint_every, lease_every)),
+        tokio::spawn(key_changes(authority)),
+    ])
+}
+
+/// A lease and what this process last knew of it, for logs and the `keygate_leader` gauge.
+struct Leader {
+    task: &'static str,
+    lease: Lease,
+    held: bool,
+}
+
+impl Leader {
+    fn new(authority: &Authority, task: &'static str, name: &str) -> Leader {
+        metrics::gauge!("keygate_leader", "task" => task).set(0.0);
+        Leader {
+            task,
+            lease: authority.store().lease(name),
+            held: false,
+        }
+    }
+
+    /// True when this process holds the lease now.
+    async fn check(&mut self) -> bool {
+        let held = self.lease.hold().await;
+        if held != self.held {
+            if held {
+                tracing::info!(task = self.task, "this replica now runs the periodic task");
+            } else {
+                tracing::warn!(task = self.task, "this replica no longer runs the periodic task");
+            }
+            metrics::gauge!("keygate_leader", "task" => self.task).set(if held { 1.0 } else { 0.0 });
+            self.held = held;
+        }
+        held
+    }
+}
+
+/// The key-rotation schedule on the lease holder of this device; a key-ring refresh
+/// everywhere else.
+async fn rotation(authority: Arc<Authority>, every: Duration, lease_every: Duration) {
+    let name = format!("rotation:{}", authority.device());
+    let mut leader = Leader::new(&authority, "rotation", &name);
+    let mut tick = tokio::time::interval(lease_every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut next_run = Instant::now();
+    // After a failure (a full TPM, an unreachable HSM), wait longer before the next try, up
+    // to 5 minutes, rather than asking the device again every tick.
+    let mut backoff = Duration::ZERO;
+    loop {
+        tick.tick().await;
+        if !leader.check().await {
+            if let Err(e) = authority.refresh_keys().await {
+                tracing::warn!(error = %e, "cannot refresh the signing keys");
+            }
+            continue;
+        }
+        if Instant::now() < next_run {
+            continue;
+        }
+        match authority.schedule_tick().await {
+            Ok(()) => {
+                backoff = Duration::ZERO;
+                next_run = Instant::now() + every;
+            }
+            Err(e) => {
+                backoff = (backoff * 2).clamp(Duration::from_secs(5), Duration::from_secs(300));
+                tracing::warn!(error = %e, retry_in_s = backoff.as_secs(), "key rotation step failed");
+                next_run = Instant::now() + backoff;
+            }
+        }
+    }
+}
+
+/// Signed checkpoints of the audit chain, and pruning, on the lease holder.
+async fn audit(authority: Arc<Authority>, every: Duration, lease_every: Duration) {
+    let mut leader = Leader::new(&authority, "audit", "audit");
+    let mut tick = tokio::time::interval(lease_every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first checkpoint one interval after taking the lease, like a fresh start.
+    let mut next_checkpoint: Option<Instant> = None;
+    let mut next_prune = Instant::now() + Duration::from_secs(60);
+    loop {
+        tick.tick().await;
+        if !leader.check().await {
+            next_checkpoint = None;
+            continue;
+        }
+        let now = Instant::now();
+        match next_checkpoint {
+            None => next_checkpoint = Some(now + every),
+            Some(at) if now >= at => {
+                next_checkpoint = Some(now + every);
+                if let Err(e) = authority.checkpoint_audit().await {
+                    tracing::warn!(error = %e, "cannot sign an audit checkpoint");
+                }
+            }
+            Some(_) => {}
+        }
+        if now >= next_prune {
+            next_prune = now + Duration::from_secs(60);
+            let t = crate::authority::now();
+            if let Err(e) = authority.store().prune_dpop_proofs(t).await {
+                tracing::warn!(error = %e, "cannot prune DPoP proof ids");
+            }
+            // Expired challenges that issued nothing; kept an hour for the curious operator.
+            if let Err(e) = authority.store().prune_enrollments(t - 3600).await {
+                tracing::warn!(error = %e, "cannot prune expired enrollment challenges");
+            }
+        }
+    }
+}
+
+/// Reloads the key ring as soon as the store announces a key change (or may have missed
+/// one), on every replica.
+async fn key_changes(authority: Arc<Authority>) {
+    let mut changes = authority.store().changes();
+    loop {
+        match changes.recv().await {
+            Ok(Change::Keys | Change::Resync) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                if let Err(e) = authority.refresh_keys().await {
+                    tracing::warn!(error = %e, "cannot reload the signing keys after a change");
+                }
+            }
+            Ok(_) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! Store URLs: `sqlite://path` or `postgres://user@host:port/db`, with the password (if any)
+//! hidden in `Debug`, `Display` and every error.
+
+use std::fmt;
+
+use super::StoreError;
+
+/// Which database a store URL names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    /// One file, one serving process (the embedded default).
+    Sqlite,
+    /// One database shared by any number of replicas.
+    Postgres,
+}
+
+impl StoreKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreKind::Sqlite => "sqlite",
+            StoreKind::Postgres => "postgres",
+        }
+    }
+}
+
+/// A parsed store URL. The text is kept whole for the driver; only [`StoreUrl::redacted`]
+/// is ever shown.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoreUrl {
+    kind: StoreKind,
+    text: String,
+}
+
+impl StoreUrl {
+    /// Parses `sqlite://…` (also `sqlite:…`) or `postgres://…` / `postgresql://…`.
+    pub fn parse(text: &str) -> Result<StoreUrl, StoreError> {
+        let kind = if text.starts_with("sqlite:") {
+            StoreKind::Sqlite
+        } else if text.starts_with("postgres://") || text.starts_with("postgresql://") {
+            StoreKind::Postgres
+        } else {
+            return Err(StoreError::Open {
+                url: redact(text),
+                reason: "a store URL starts with sqlite:// or postgres://".into(),
+            });
+        };
+        Ok(StoreUrl {
+            kind,
+            text: text.to_owned(),
+        })
+    }
+
+    pub fn kind(&self) -> StoreKind {
+        self.kind
+    }
+
+    /// The URL as given, password included: for the driver only.
+    pub(super) fn expose(&self) -> &str {
+        &self.text
+    }
+
+    /// The URL with any password replaced by `***`.
+    pub fn redacted(&self) -> String {
+        redact(&self.text)
+    }
+
+    /// The SQLite file path (without query parameters), for a SQLite URL.
+    pub fn sqlite_path(&self) -> Option<&str> {
+        if self.kind != StoreKind::Sqlite {
+            return None;
+        }
+        let rest = self.text.trim_start_matches("sqlite:").trim_start_matches("//");
+        Some(rest.split('?').next().unwrap_or(rest))
+    }
+
+    /// True when the URL itself carries a password.
+    pub fn has_password(&self) -> bool {
+        redact(&self.text) != self.text
+    }
+}
+
+impl fmt::Debug for StoreUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("StoreUrl").field(&self.redacted()).finish()
+    }
+}
+
+impl fmt::Display for StoreUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+/// Replaces the password of `scheme://user:password@host…` and any `password=` query
+/// parameter with `***`. Anything else is kept, so the operator still sees which server.
+pub fn redact(url: &str) -> String {
+    let mut out = url.to_owned();
+    if let Some(scheme_end) = out.find("://") {
+        let auth_start = scheme_end + 3;
+        let auth_end = out[auth_start..]
+            .find(['/', '?', '#'])
+            .map_or(out.len(), |i| auth_start + i);
+        if let Some(at) = out[auth_start..auth_end].rfind('@') {
+            let userinfo = &out[auth_start..auth_start + at];
+            if let Some(colon) = userinfo.find(':') {
+                let from = auth_start + colon + 1;
+                out.replace_range(from..auth_start + at, "***");
+            }
+        }
+    }
+    if let Some(q) = out.find('?') {
+        let (head, query) = out.split_at(q + 1);
+        let query: Vec<String> = query
+            .split('&')
+            .map(|kv| match kv.split_once('=') {
+                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                _ => kv.to_owned(),
+            })
+            .collect();
+        out = format!("{head}{}", query.join("&"));
+    }
+    out
+}
+
+/// `text` with every occurrence of the secret parts of `url` hidden (driver errors sometimes
+/// repeat what they were given).
+pub(super) fn scrub(text: &str, url: &StoreUrl) -> String {
+    let raw = url.expose();
+    if raw == url.redacted() {
+        return text.to_owned();
+    }
+    text.replace(raw, &url.redacted())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact("postgres://kg:s3cret@db.example:5432/keygate"),
+            "postgres://kg:***@db.example:5432/keygate"
+        );
+        assert_eq!(
+            redact("postgres://kg@db:5432/keygate?sslmode=verify-full&password=s3cret"),
+            "postgres://kg@db:5432/keygate?sslmode=verify-full&password=***"
+        );
+        assert_eq!(redact("postgres://kg@db/keygate"), "postgres://kg@db/keygate");
+        // an @ in the password does not leak its first part
+        assert_eq!(redact("postgres://kg:a@b@db/x"), "postgres://kg:***@db/x");
+        let u = StoreUrl::parse("postgresql://kg:s3cret@db/keygate").unwrap();
+        assert!(!format!("{u:?} {u}").contains("s3cret"));
+        assert!(u.has_password());
+        assert_eq!(u.kind(), StoreKind::Postgres);
+    }
+
+    #[test]
+    fn kinds_and_paths() {
+        let u = StoreUrl::parse("sqlite:///var/lib/keygate/keygate.db?mode=ro").unwrap();
+        assert_eq!(u.kind(), StoreKind::Sqlite);
+        assert_eq!(u.sqlite_path(), Some("/var/lib/keygate/keygate.db"));
+        assert_eq!(
+            StoreUrl::parse("sqlite://keygate-data/keygate.db")
+                .unwrap()
+                .sqlite_path(),
+            Some("keygate-data/keygate.db")
+        );
+        let e = StoreUrl::parse("mysql://root:pw@db/x").unwrap_err().to_string();
+        assert!(
+            e.contains("sqlite:// or postgres://") && !e.contains("pw@"),
+            "{e}"
+        );
+    }
+}
