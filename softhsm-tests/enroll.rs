@@ -26,7 +26,7 @@ fn unb64(v: &Value) -> Vec<u8> {
     STANDARD.decode(v.as_str().unwrap()).unwrap()
 }
 
-async fn post(base: &str, path: &str, body: &Value) -> (u16, Value) {
+pub(crate) async fn post(base: &str, path: &str, body: &Value) -> (u16, Value) {
     let r = reqwest::Client::new()
         .post(format!("{base}{path}"))
         .json(body)
@@ -50,12 +50,12 @@ fn refused(got: (u16, Value), status: u16, detail: &str) {
 }
 
 /// The `[enroll]` table for a test CA, plus `extra` lines.
-fn enroll_toml(ca: &TestCa, extra: &str) -> String {
+pub(crate) fn enroll_toml(ca: &TestCa, extra: &str) -> String {
     format!("[enroll]\nca_dir = \"{}\"\n{extra}\n", ca.bundle.path().display())
 }
 
 /// A challenge body for the client's EK (with its NV certificate) and AK `ak`.
-fn challenge_body(c: &Client, ak: &str) -> Value {
+pub(crate) fn challenge_body(c: &Client, ak: &str) -> Value {
     let mut body = json!({
         "ek_pub": b64(&c.read("ek.pub")),
         "ak_pub": b64(&c.read(&format!("{ak}.pub"))),
@@ -67,7 +67,7 @@ fn challenge_body(c: &Client, ak: &str) -> Value {
 }
 
 /// Activates the challenge's credential and quotes with AK `ak.ctx`: the completion body.
-fn complete_body(c: &Client, ch: &Value) -> Value {
+pub(crate) fn complete_body(c: &Client, ch: &Value) -> Value {
     let secret = c.activate(&unb64(&ch["tpm2_tools_credential"])).unwrap();
     let (quote, sig, pcrs) = c.quote("ak", &unb64(&ch["nonce"]), ch["pcr_selection"].as_str().unwrap());
     json!({

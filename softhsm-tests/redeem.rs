@@ -105,12 +105,12 @@ async fn one_time_token_is_redeemed_exactly_once_by_200_racing_requests(env: Env
 on_both_backends!(one_time_token_is_redeemed_exactly_once_by_200_racing_requests);
 
 /// An RFC 9449 client key and its proofs.
-struct Client {
+pub(crate) struct Client {
     key: SigningKey,
 }
 
 impl Client {
-    fn new(seed: u8) -> Client {
+    pub(crate) fn new(seed: u8) -> Client {
         Client {
             key: SigningKey::from_slice(&[seed; 32]).unwrap(),
         }
@@ -120,12 +120,12 @@ impl Client {
         Jwk::from_public_key(&p256::PublicKey::from(self.key.verifying_key()))
     }
 
-    fn jkt(&self) -> String {
+    pub(crate) fn jkt(&self) -> String {
         self.jwk().kid.unwrap()
     }
 
     /// A proof for `htm`/`htu`, `iat` seconds from now, with `ath` of `token`.
-    fn proof(&self, htm: &str, htu: &str, iat_offset: i64, token: &str, jti: &str) -> String {
+    pub(crate) fn proof(&self, htm: &str, htu: &str, iat_offset: i64, token: &str, jti: &str) -> String {
         let mut jwk = serde_json::to_value(self.jwk()).unwrap();
         jwk.as_object_mut().unwrap().remove("kid");
         let header = json!({"typ": "dpop+jwt", "alg": "ES256", "jwk": jwk});

@@ -28,6 +28,17 @@ impl TestDb {
         }
     }
 
+    /// One BIGINT (a count, a max) of the first row.
+    pub async fn int(&self, sql: &str, args: &[&str]) -> i64 {
+        run!(self, |p| {
+            let mut q = sqlx::query_as::<_, (i64,)>(sql);
+            for a in args {
+                q = q.bind(*a);
+            }
+            q.fetch_one(p).await.unwrap().0
+        })
+    }
+
     /// Two nullable BIGINTs of the first row.
     pub async fn two_opt_ints(&self, sql: &str, args: &[&str]) -> (Option<i64>, Option<i64>) {
         run!(self, |p| {
@@ -47,6 +58,17 @@ impl TestDb {
                 q = q.bind(*a);
             }
             q.fetch_all(p).await.unwrap().into_iter().map(|r| r.0).collect()
+        })
+    }
+
+    /// Runs a statement; returns the rows it affected.
+    pub async fn exec(&self, sql: &str, args: &[&str]) -> u64 {
+        run!(self, |p| {
+            let mut q = sqlx::query(sql);
+            for a in args {
+                q = q.bind(*a);
+            }
+            q.execute(p).await.unwrap().rows_affected()
         })
     }
 

@@ -3,6 +3,7 @@
 
 pub mod db;
 pub mod pg;
+pub mod replicas;
 pub mod swtpm;
 pub mod tpm2tools;
 
@@ -235,10 +236,19 @@ impl Env {
 
     /// Like [`Env::on_tpm`], with extra top-level TOML.
     pub async fn on_tpm_with(tcti: &str, extra: &str) -> Env {
+        Env::on_tpm_store(tcti, extra, None).await
+    }
+
+    /// Like [`Env::on_tpm_with`], on the PostgreSQL database `pg_url` when given.
+    pub async fn on_tpm_store(tcti: &str, extra: &str, pg_url: Option<String>) -> Env {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
+        let store = match &pg_url {
+            Some(u) => format!("[store]\nurl = \"{u}\"\n"),
+            None => String::new(),
+        };
         let text = format!(
-            "data_dir = \"{data}\"\nlisten = \"127.0.0.1:{port}\"\nbackend = \"tpm\"\n{extra}\n[tpm]\ntcti = \"{tcti}\"\ntimeout_ms = 2000\n",
+            "data_dir = \"{data}\"\nlisten = \"127.0.0.1:{port}\"\nbackend = \"tpm\"\n{extra}\n{store}[tpm]\ntcti = \"{tcti}\"\ntimeout_ms = 2000\n",
             data = dir.path().display(),
         );
         let config_path = dir.path().join("keygate.toml");
@@ -254,7 +264,7 @@ impl Env {
             config_path,
             admin,
             user_pin: String::new(),
-            pg_url: None,
+            pg_url,
         }
     }
 
@@ -371,6 +381,12 @@ pub struct Server {
 impl Server {
     /// Starts `keygate serve` with stderr to `log` and waits until /readyz answers 200.
     pub async fn start(env: &Env, log: &Path, extra_env: &[(&str, &str)]) -> Server {
+        Server::start_at(env, log, extra_env, &env.base_url()).await
+    }
+
+    /// Like [`Server::start`], for a server that listens at `base` (`KEYGATE_LISTEN` in
+    /// `extra_env`).
+    pub async fn start_at(env: &Env, log: &Path, extra_env: &[(&str, &str)], base: &str) -> Server {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -383,7 +399,7 @@ impl Server {
         }
         let child = cmd.spawn().unwrap();
         let mut server = Server { child };
-        let url = format!("{}/readyz", env.base_url());
+        let url = format!("{base}/readyz");
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(r) = reqwest::get(&url).await

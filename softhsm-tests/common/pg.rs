@@ -11,6 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use sqlx::Connection;
 use tempfile::TempDir;
@@ -234,6 +235,17 @@ impl PgCluster {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
+    }
+
+    /// Starts it again on the same folder and port.
+    pub fn restart(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        // the port may linger a moment after a crash
+        while std::net::TcpListener::bind(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "port {} stays taken", self.port);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.run_server();
     }
 }
 

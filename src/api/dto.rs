@@ -84,6 +84,9 @@ pub struct KeyView {
     /// RFC 7512 PKCS#11 URI (or `tpm:` URI); never carries a PIN.
     pub uri: String,
     pub backend: String,
+    /// The device that holds the key: `pkcs11` (the token all replicas share) or
+    /// `tpm:<id>` (one replica's TPM; that replica signs with it).
+    pub device: String,
     pub created_at: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub activated_at: Option<String>,
@@ -111,6 +114,7 @@ impl From<crate::store::SigningKeyRow> for KeyView {
             state: r.state,
             uri: r.uri,
             backend: r.backend,
+            device: r.device,
             created_at: rfc3339(r.created_at),
             activated_at: r.activated_at.map(rfc3339),
             retire_at: r.retire_at.map(rfc3339),

@@ -79,6 +79,10 @@ pub fn metrics_handle() -> PrometheusHandle {
                 "Requests answered with a problem, by reason"
             );
             metrics::describe_counter!("keygate_enrollments_total", "Enrollments, by outcome");
+            metrics::describe_gauge!(
+                "keygate_leader",
+                "1 while this replica runs the periodic task (rotation of its device's keys, audit checkpoints)"
+            );
             handle
         })
         .clone()

@@ -32,7 +32,7 @@ pub struct RevocationEvent {
 }
 
 /// How often the feed looks for revocations even when none was announced.
-const POLL: Duration = Duration::from_secs(1);
+const POLL: Duration = Duration::from_secs(30);
 /// Events a slow subscriber may fall behind before it re-reads from the store.
 const CAPACITY: usize = 1024;
 
