@@ -277,3 +277,39 @@ async fn one_audit_chain_from_every_replica_and_tampering_is_found() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("entry 7"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn inits_started_together_on_a_fresh_database_make_one_key_and_one_admin_token() {
+    let env = Env::on_postgres("").await;
+    // A second, empty database on the same token: three replicas' start scripts run
+    // `keygate init` at once (each also migrates the empty schema).
+    let fresh = crate::common::pg::create_database().await;
+    let children: Vec<_> = (0..3)
+        .map(|_| {
+            env.keygate()
+                .env("KEYGATE_STORE_URL", &fresh)
+                .arg("init")
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outs: Vec<_> = children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    for o in &outs {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let minted = outs
+        .iter()
+        .filter(|o| String::from_utf8_lossy(&o.stdout).contains("KEYGATE_ADMIN_TOKEN=kg_"))
+        .count();
+    assert_eq!(minted, 1, "one admin token, printed once");
+    let db = crate::common::db::TestDb::connect(&fresh).await;
+    assert_eq!(db.int("SELECT count(*) FROM signing_keys", &[]).await, 1);
+    assert_eq!(db.int("SELECT count(*) FROM api_tokens", &[]).await, 1);
+    db.close().await;
+    crate::common::pg::drop_database(&fresh);
+}

@@ -118,6 +118,17 @@ pub async fn init(config: &Config, new_admin_token: bool) -> anyhow::Result<Init
         .with_context(|| format!("cannot create data folder {}", config.data_dir.display()))?;
     #[cfg(unix)]
     restrict(&config.data_dir, 0o700)?;
+    // One init at a time on a shared database (replicas whose start scripts all run init):
+    // the first creates the key and the admin token, the others find them.
+    let store = Store::open(&config.store_options()?).await?;
+    let mut lease = store.lease("init");
+    let waited = std::time::Instant::now();
+    while !lease.hold().await {
+        if waited.elapsed() > std::time::Duration::from_secs(120) {
+            anyhow::bail!("another keygate init has held the store's init lock for two minutes");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
     let pk = config.pkcs11();
     let mut token_created = false;
     if config.is_embedded() {
@@ -129,7 +140,6 @@ pub async fn init(config: &Config, new_admin_token: bool) -> anyhow::Result<Init
         token_created = tokio::task::spawn_blocking(move || init_token(&pk2, &so, &user)).await??;
     }
     let (backend, _) = super::serve::open_backend(config, None).await?;
-    let store = Store::open(&config.store_options()?).await?;
     let settings = Settings::from_config(config)?;
     let (kid, key_created) = ensure_active_key(&store, &backend, &settings, "cli").await?;
     let authority = Authority::open(store.clone(), backend, settings).await?;
@@ -142,6 +152,7 @@ pub async fn init(config: &Config, new_admin_token: bool) -> anyhow::Result<Init
         None
     };
     drop(authority);
+    drop(lease);
     store.close().await;
     Ok(InitOutcome {
         kid,
