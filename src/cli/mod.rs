@@ -2,8 +2,8 @@
 
 mod audit;
 mod bench;
-mod bench_enroll;
-mod bench_lifecycle;
+
+
 mod client;
 mod enroll;
 mod enroll_tpm;

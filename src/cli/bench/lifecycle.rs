@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
-use super::bench::LoadConn;
+use super::load::LoadConn;
 use crate::authority::{IssueRequest, Principal, Scope};
 use crate::config::Config;
 
@@ -38,7 +38,7 @@ fn admin() -> Principal {
 
 /// Serves `service` on a loopback port until the returned sender is dropped or fired.
 pub(super) async fn serve(
-    service: &super::Service,
+    service: &crate::cli::Service,
 ) -> anyhow::Result<(std::net::SocketAddr, tokio::sync::oneshot::Sender<()>)> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
@@ -60,7 +60,7 @@ pub(super) async fn serve(
 }
 
 /// Issues `n` one-time tokens, `parallel` at a time.
-async fn one_time_tokens(service: &super::Service, n: usize, parallel: usize) -> anyhow::Result<Vec<String>> {
+async fn one_time_tokens(service: &crate::cli::Service, n: usize, parallel: usize) -> anyhow::Result<Vec<String>> {
     let req = IssueRequest {
         subject: "bench-node".into(),
         audience: "bench".into(),
@@ -91,7 +91,7 @@ pub async fn redemption(
     clients: usize,
     secs: u64,
 ) -> anyhow::Result<Redemption> {
-    let service = super::build_service(config).await?;
+    let service = crate::cli::build_service(config).await?;
     let pool = one_time_tokens(&service, tokens, 64).await?;
     let (addr, stop) = serve(&service).await?;
     let requests: Vec<Vec<u8>> = pool
@@ -152,7 +152,7 @@ pub async fn redemption(
 /// Revokes `n` tokens one after another over HTTP while one SSE client listens; each sample
 /// is the time from sending the revoke request to reading its event on the stream.
 pub async fn revocation_to_event(config: &Config, n: usize) -> anyhow::Result<SseLatency> {
-    let service = super::build_service(config).await?;
+    let service = crate::cli::build_service(config).await?;
     let who = admin();
     let api = service
         .authority

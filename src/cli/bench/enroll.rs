@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow, bail};
 
-use super::enroll_tpm::{EkKind, Tpm};
+use crate::cli::enroll_tpm::{EkKind, Tpm};
 use crate::authority::Principal;
 use crate::config::{Config, EnrollMode};
 
@@ -101,7 +101,7 @@ struct EnrollRun {
 /// `runs` runs of `secs` seconds each against a child server on `config`. `service` (on
 /// the same configuration) registers the client's EK, and is closed before the child starts.
 async fn enrollment(
-    service: super::Service,
+    service: crate::cli::Service,
     config: &Config,
     tcti: &str,
     secs: u64,
@@ -134,7 +134,7 @@ async fn enrollment(
         let (server, base) = start_server(&config, &dir)?;
         let http = reqwest::Client::new();
         for _ in 0..3 {
-            super::enroll::exchange(&rt, &http, &base, &mut tpm)?;
+            crate::cli::enroll::exchange(&rt, &http, &base, &mut tpm)?;
         }
         let mut out = Vec::new();
         for _ in 0..runs {
@@ -144,7 +144,7 @@ async fn enrollment(
             let mut lat = Vec::new();
             while started.elapsed() < Duration::from_secs(secs) {
                 let t = Instant::now();
-                in_tpm += super::enroll::exchange(&rt, &http, &base, &mut tpm)?.1;
+                in_tpm += crate::cli::enroll::exchange(&rt, &http, &base, &mut tpm)?.1;
                 lat.push(t.elapsed().as_secs_f64() * 1e3);
                 n += 1;
             }
@@ -181,7 +181,7 @@ pub(super) async fn report(
     runs: usize,
     markdown: bool,
 ) -> anyhow::Result<()> {
-    let service = super::build_service(config).await?;
+    let service = crate::cli::build_service(config).await?;
     let uri = service.authority.key_ring().active.uri.clone();
     let backend_kind = service.backend.kind();
     eprintln!("keygate bench (enrollment): {runs} runs of {secs} s, client TPM at {tcti}");
@@ -189,7 +189,7 @@ pub(super) async fn report(
     for _ in 0..runs {
         let (cfg, u) = (config.clone(), uri.clone());
         raws.push(
-            tokio::task::spawn_blocking(move || super::bench::raw_sign_rate(&cfg, &u, 1, secs)).await??,
+            tokio::task::spawn_blocking(move || super::load::raw_sign_rate(&cfg, &u, 1, secs)).await??,
         );
     }
     let all = enrollment(service, config, tcti, secs, runs).await?;
@@ -202,8 +202,8 @@ pub(super) async fn report(
             r.tpm_ms
         );
     }
-    let med = |f: &dyn Fn(&EnrollRun) -> f64| super::bench::median(all.iter().map(f).collect());
-    let raw = super::bench::median(raws);
+    let med = |f: &dyn Fn(&EnrollRun) -> f64| super::load::median(all.iter().map(f).collect());
+    let raw = super::load::median(raws);
     let (rate, cpu, tpm, p50) = (
         med(&|r| r.rate),
         med(&|r| r.server_cpu_ms),

@@ -3,12 +3,12 @@
 //! and offline verification per core against the fastest raw ECDSA P-256 verify measured in
 //! the same run. Prints the ratios the project tracks (docs/benchmarks.md).
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+mod enroll;
+mod lifecycle;
+mod load;
 
 use clap::Args;
-use hdrhistogram::Histogram;
+use load::{Issuance, issuance, median, per_core_interleaved, raw_sign_rate};
 
 use crate::authority::Principal;
 use crate::config::Config;
@@ -37,218 +37,20 @@ pub struct BenchArgs {
     pub enroll_tcti: Option<String>,
 }
 
-#[derive(Clone)]
-struct Issuance {
-    rate: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-    errors: u64,
-}
-
-fn digest(msg: &[u8]) -> [u8; 32] {
-    let mut out = [0u8; 32];
-    out.copy_from_slice(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, msg).as_ref());
-    out
-}
-
-/// Signatures per second with `sessions` sessions and as many signing threads.
-pub(super) fn raw_sign_rate(config: &Config, uri: &str, sessions: usize, secs: u64) -> anyhow::Result<f64> {
-    let (backend, _) = super::serve::open_backend_blocking(config, Some(sessions))?;
-    let d = digest(b"keygate bench");
-    backend.sign_digest(uri, &d)?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let count = Arc::new(AtomicU64::new(0));
-    let threads: Vec<_> = (0..sessions)
-        .map(|_| {
-            let (b, stop, count, uri) = (backend.clone(), stop.clone(), count.clone(), uri.to_owned());
-            std::thread::spawn(move || -> anyhow::Result<()> {
-                while !stop.load(Ordering::Relaxed) {
-                    b.sign_digest(&uri, &d)?;
-                    count.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok(())
-            })
-        })
-        .collect();
-    let started = Instant::now();
-    std::thread::sleep(Duration::from_secs(secs));
-    stop.store(true, Ordering::Relaxed);
-    for t in threads {
-        t.join()
-            .map_err(|_| anyhow::anyhow!("a signing thread panicked"))??;
-    }
-    Ok(count.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
-}
-
-/// Tokens per second through `POST /v1/tokens` on loopback, `clients` at once.
-async fn issuance(config: &Config, sessions: usize, clients: usize, secs: u64) -> anyhow::Result<Issuance> {
-    let service = super::serve::build_service_with(config, Some(sessions)).await?;
-    let who = Principal {
-        id: "bench".into(),
-        scopes: vec![crate::authority::Scope::Admin],
-    };
-    let api = service
-        .authority
-        .create_api_token(
-            &who.id,
-            "bench",
-            &["tokens:issue".to_owned()],
-            Some(3600),
-            false,
-            "local",
-        )
-        .await?;
-    let (addr, stop_tx) = super::bench_lifecycle::serve(&service).await?;
-    let body = r#"{"subject":"bench-node","audience":"bench","ttl_seconds":300}"#;
-    let request: Arc<[u8]> = format!(
-        "POST /v1/tokens HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        api.secret.as_str(),
-        body.len()
-    )
-    .into_bytes()
-    .into();
-    // warm-up, and a check that the request is right
-    let mut conn = LoadConn::connect(addr).await?;
-    for _ in 0..50 {
-        anyhow::ensure!(
-            conn.round_trip(&request).await? == 201,
-            "the benchmark request was refused"
-        );
-    }
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..clients {
-        let request = request.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut h = Histogram::<u64>::new(3).map_err(|e| anyhow::anyhow!("{e}"))?;
-            let mut errors = 0u64;
-            let mut conn = LoadConn::connect(addr).await?;
-            while Instant::now() < deadline {
-                let t = Instant::now();
-                match conn.round_trip(&request).await {
-                    Ok(201) => h.record(t.elapsed().as_micros() as u64)?,
-                    Ok(_) => errors += 1,
-                    Err(_) => {
-                        errors += 1;
-                        conn = LoadConn::connect(addr).await?;
-                    }
-                }
-            }
-            anyhow::Ok((h, errors))
-        }));
-    }
-    let mut all = Histogram::<u64>::new(3).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut errors = 0;
-    for t in tasks {
-        let (h, e) = t.await??;
-        all.add(&h)?;
-        errors += e;
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    let _ = stop_tx.send(());
-    let _ = service
-        .authority
-        .delete_api_token("bench", &api.id, "local")
-        .await;
-    Ok(Issuance {
-        rate: all.len() as f64 / elapsed,
-        p50_ms: all.value_at_quantile(0.5) as f64 / 1000.0,
-        p99_ms: all.value_at_quantile(0.99) as f64 / 1000.0,
-        errors,
-    })
-}
-
-/// A bare HTTP/1.1 keep-alive connection that sends one prebuilt request again and again:
-/// the lightest load generator we can write, so the run measures the server rather than an
-/// HTTP client library sharing its two cores.
-pub(super) struct LoadConn {
-    stream: tokio::net::TcpStream,
-    buf: Vec<u8>,
-}
-
-impl LoadConn {
-    pub(super) async fn connect(addr: std::net::SocketAddr) -> anyhow::Result<LoadConn> {
-        let stream = tokio::net::TcpStream::connect(addr).await?;
-        stream.set_nodelay(true)?;
-        Ok(LoadConn {
-            stream,
-            buf: Vec::with_capacity(4096),
-        })
-    }
-
-    /// Sends `request` and reads one whole response; returns its status code.
-    pub(super) async fn round_trip(&mut self, request: &[u8]) -> anyhow::Result<u16> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        self.stream.write_all(request).await?;
-        self.buf.clear();
-        let (head_len, status, body_len) = loop {
-            if self.stream.read_buf(&mut self.buf).await? == 0 {
-                anyhow::bail!("the server closed the connection");
-            }
-            if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = std::str::from_utf8(&self.buf[..end])?;
-                let status: u16 = head.get(9..12).unwrap_or("0").parse()?;
-                let len = head
-                    .lines()
-                    .find_map(|l| {
-                        let (k, v) = l.split_once(':')?;
-                        k.eq_ignore_ascii_case("content-length")
-                            .then(|| v.trim().parse::<usize>().ok())?
-                    })
-                    .unwrap_or(0);
-                break (end + 4, status, len);
-            }
-        };
-        while self.buf.len() < head_len + body_len {
-            if self.stream.read_buf(&mut self.buf).await? == 0 {
-                anyhow::bail!("the server closed the connection");
-            }
-        }
-        Ok(status)
-    }
-}
-
-/// Verifications per second on this thread for each of `ops`, measured in alternating
-/// slices of 50 ms for about `secs` seconds each, so that drift on a shared machine hits
-/// every contender alike.
-fn per_core_interleaved(secs: f64, ops: &mut [&mut dyn FnMut() -> bool]) -> anyhow::Result<Vec<f64>> {
-    let mut counts = vec![0u64; ops.len()];
-    let mut spent = vec![0f64; ops.len()];
-    while spent.iter().any(|t| *t < secs) {
-        for (i, op) in ops.iter_mut().enumerate() {
-            let started = Instant::now();
-            while started.elapsed().as_secs_f64() < 0.05 {
-                for _ in 0..20 {
-                    anyhow::ensure!(op(), "a verification failed during the benchmark");
-                }
-                counts[i] += 20;
-            }
-            spent[i] += started.elapsed().as_secs_f64();
-        }
-    }
-    Ok(counts.iter().zip(&spent).map(|(c, t)| *c as f64 / t).collect())
-}
-
-pub(super) fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
-}
-
 /// One run's figures; ratios are computed within a run, then the median is reported.
 struct Run {
     raw1: f64,
     raw_n: f64,
     e2e1: Issuance,
     e2e_n: Issuance,
-    redeem: super::bench_lifecycle::Redemption,
+    redeem: lifecycle::Redemption,
 }
 
 pub async fn run(a: BenchArgs, config: Config) -> anyhow::Result<()> {
     // The bench works on its own data folder (docs: KEYGATE_DATA_DIR=$(mktemp -d)): a fresh
     // one is initialised first, on whichever backend is configured.
     if !config.data_dir.join("keygate.db").exists() {
-        super::init(&config, false).await?;
+        crate::cli::init(&config, false).await?;
     }
     // A TPM runs one command at a time: N is 1 there.
     let n = if config.backend == crate::config::BackendKind::Tpm {
@@ -260,10 +62,10 @@ pub async fn run(a: BenchArgs, config: Config) -> anyhow::Result<()> {
     let secs = a.seconds.max(1);
     let runs = a.runs.max(1);
     if let Some(tcti) = &a.enroll_tcti {
-        return super::bench_enroll::report(&config, tcti, secs, runs, a.markdown).await;
+        return enroll::report(&config, tcti, secs, runs, a.markdown).await;
     }
     // The active key, and a token it signed, for the verification runs.
-    let service = super::build_service(&config).await?;
+    let service = crate::cli::build_service(&config).await?;
     let ring_ = service.authority.key_ring();
     let uri = ring_.active.uri.clone();
     let backend_kind = service.backend.kind();
@@ -322,7 +124,7 @@ pub async fn run(a: BenchArgs, config: Config) -> anyhow::Result<()> {
         }
         // After the issuance pairs, so that they stay side by side as before.
         let tokens = (secs as usize * 6000).min(40_000);
-        let redeem = super::bench_lifecycle::redemption(&config, tokens, a.clients, secs).await?;
+        let redeem = lifecycle::redemption(&config, tokens, a.clients, secs).await?;
         eprintln!("  run {r}: redeem {:.0}/s", redeem.rate);
         all.push(Run {
             raw1,
@@ -332,7 +134,7 @@ pub async fn run(a: BenchArgs, config: Config) -> anyhow::Result<()> {
             redeem,
         });
     }
-    let sse = super::bench_lifecycle::revocation_to_event(&config, 200).await?;
+    let sse = lifecycle::revocation_to_event(&config, 200).await?;
 
     // Offline verification, one core, all contenders interleaved.
     let verifier = Verifier::new(&jwks, VerifierConfig::new(config.issuer(), "bench"))?;
