@@ -313,3 +313,114 @@ async fn inits_started_together_on_a_fresh_database_make_one_key_and_one_admin_t
     db.close().await;
     crate::common::pg::drop_database(&fresh);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_store_speaks_tls_to_postgresql_and_refuses_a_server_it_cannot_verify() {
+    let certs = tempfile::tempdir().unwrap();
+    let d = certs.path();
+    let ossl = |args: &[&str]| crate::common::openssl(d, args);
+    // a throwaway CA, a server certificate for 127.0.0.1 signed by it, and a stranger CA
+    for ca in ["ca", "other-ca"] {
+        ossl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &format!("{ca}.key"),
+            "-out",
+            &format!("{ca}.pem"),
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN=keygate test {ca}"),
+        ]);
+    }
+    ossl(&[
+        "req",
+        "-new",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(d.join("san.ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\n").unwrap();
+    ossl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+    ]);
+    let cluster = crate::common::pg::PgCluster::start_tls(&d.join("server.crt"), &d.join("server.key"));
+    let plain = crate::common::pg::create_database_on(&cluster.admin_url()).await;
+    let url = format!(
+        "{plain}?sslmode=verify-full&sslrootcert={}",
+        d.join("ca.pem").display()
+    );
+    let env = Env::build("", Some(url.clone())).await;
+    let r = Replicas::start(&env, 1, &[]).await;
+    issue(&r[0].base, &env.admin, json!({"subject": "s", "audience": "a"})).await;
+    // every keygate session on the server is encrypted
+    let db = crate::common::db::TestDb::connect(&plain).await;
+    let sessions = db
+        .int(
+            "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+             WHERE a.application_name = 'keygate'",
+            &[],
+        )
+        .await;
+    let encrypted = db
+        .int(
+            "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+             WHERE a.application_name = 'keygate' AND s.ssl",
+            &[],
+        )
+        .await;
+    db.close().await;
+    assert!(
+        sessions > 0 && encrypted == sessions,
+        "{encrypted} of {sessions} sessions use TLS"
+    );
+    // a server whose certificate does not chain to the configured CA is refused, in one line
+    let wrong = format!(
+        "{plain}?sslmode=verify-full&sslrootcert={}",
+        d.join("other-ca.pem").display()
+    );
+    let out = env
+        .keygate()
+        .env("KEYGATE_STORE_URL", &wrong)
+        .arg("init")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    let lines: Vec<&str> = err.trim().lines().collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(
+        lines[0].starts_with("keygate: error: cannot open store postgres://"),
+        "{err}"
+    );
+    drop(r);
+    drop(env);
+}

@@ -46,8 +46,19 @@ if pgrep -f 'postgres.*keygate-test-pg' >/dev/null; then
   exit 1
 fi
 
-echo "== keygate bench runs (a smoke run; figures come from release builds)" >&2
-env -u KEYGATE_CONFIG KEYGATE_DATA_DIR="$run_dir/bench" cargo run --quiet -- bench --seconds 1 --clients 4 >/dev/null
+echo "== keygate bench runs on SQLite and PostgreSQL (a smoke run; figures come from release builds)" >&2
+pg_url=${KEYGATE_TEST_PG_URL:-}
+pg_dir=
+if [ -z "$pg_url" ]; then
+  read -r pg_dir pg_url < <(softhsm-tests/private-pg.sh start)
+fi
+trap 'softhsm-tests/private-pg.sh stop "$pg_dir" || true; rm -rf "$run_dir"' EXIT
+env -u KEYGATE_CONFIG KEYGATE_DATA_DIR="$run_dir/bench" cargo run --quiet -- bench --seconds 1 --runs 1 --clients 4 \
+  --pg-url "$pg_url" >/dev/null
+if [ -n "$pg_dir" ]; then
+  softhsm-tests/private-pg.sh stop "$pg_dir"
+  pg_dir=
+fi
 
 echo "== keygate bench --enroll-tcti runs (a smoke run against a throwaway swtpm)" >&2
 # A port pair (server P, control P+1) with no listener on either, and an swtpm that is still
@@ -75,7 +86,7 @@ if [ -z "$swtpm_pid" ]; then
   echo "could not start swtpm on a free port pair" >&2
   exit 1
 fi
-trap 'kill $swtpm_pid 2>/dev/null || true; rm -rf "$run_dir"' EXIT
+trap 'kill $swtpm_pid 2>/dev/null || true; softhsm-tests/private-pg.sh stop "$pg_dir" || true; rm -rf "$run_dir"' EXIT
 env -u KEYGATE_CONFIG KEYGATE_DATA_DIR="$run_dir/bench-enroll" cargo run --quiet -- bench --seconds 1 --runs 1 \
   --enroll-tcti "swtpm:host=127.0.0.1,port=$port" >/dev/null
 kill "$swtpm_pid" 2>/dev/null || true

@@ -137,11 +137,22 @@ pub struct PgCluster {
     dir: TempDir,
     pub port: u16,
     bin: PathBuf,
+    tls: bool,
 }
 
 impl PgCluster {
     /// initdb and start on a free port. A watchdog stops it when this process is gone.
     pub fn start() -> PgCluster {
+        PgCluster::init(None)
+    }
+
+    /// Like [`PgCluster::start`], with TLS on: `server_cert` and `server_key` (PEM files)
+    /// are copied into the data folder as the server's certificate and key.
+    pub fn start_tls(server_cert: &Path, server_key: &Path) -> PgCluster {
+        PgCluster::init(Some((server_cert, server_key)))
+    }
+
+    fn init(tls: Option<(&Path, &Path)>) -> PgCluster {
         let dir = tempfile::Builder::new()
             .prefix("keygate-test-pg")
             .tempdir()
@@ -167,10 +178,28 @@ impl PgCluster {
             "initdb: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        if let Some((cert, key)) = tls {
+            for (from, to) in [(cert, "server.crt"), (key, "server.key")] {
+                let dest = data.join(to);
+                std::fs::copy(from, &dest).unwrap();
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o600)).unwrap();
+                if is_root() {
+                    let ok = Command::new("chown")
+                        .arg("postgres:postgres")
+                        .arg(&dest)
+                        .status()
+                        .unwrap()
+                        .success();
+                    assert!(ok, "chown of {to} failed");
+                }
+            }
+        }
         let cluster = PgCluster {
             port: super::free_port(),
             dir,
             bin,
+            tls: tls.is_some(),
         };
         cluster.run_server();
         cluster.watchdog();
@@ -183,9 +212,10 @@ impl PgCluster {
 
     fn run_server(&self) {
         let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=300 -c fsync=off -c full_page_writes=off",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=300 -c fsync=off -c full_page_writes=off -c ssl={}",
             self.port,
-            self.dir.path().display()
+            self.dir.path().display(),
+            if self.tls { "on" } else { "off" }
         );
         let out = pg_command(&self.bin.join("pg_ctl"))
             .args(["-D"])

@@ -46,8 +46,10 @@ pub fn metrics_handle() -> PrometheusHandle {
             let buckets = [
                 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
             ];
+            let batch_buckets = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_duration_seconds".into()), &buckets)
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full("keygate_store_batch_writes".into()), &batch_buckets))
                 .unwrap_or_else(|_| PrometheusBuilder::new());
             let recorder = builder.build_recorder();
             let handle = recorder.handle();
@@ -79,6 +81,10 @@ pub fn metrics_handle() -> PrometheusHandle {
                 "Requests answered with a problem, by reason"
             );
             metrics::describe_counter!("keygate_enrollments_total", "Enrollments, by outcome");
+            metrics::describe_histogram!(
+                "keygate_store_batch_writes",
+                "Writes committed together in one store transaction (group commit)"
+            );
             metrics::describe_gauge!(
                 "keygate_leader",
                 "1 while this replica runs the periodic task (rotation of its device's keys, audit checkpoints)"

@@ -3,7 +3,6 @@
 mod audit;
 mod bench;
 
-
 mod client;
 mod enroll;
 mod enroll_tpm;

@@ -347,7 +347,10 @@ impl Config {
             token_label: Some(EMBEDDED_TOKEN_LABEL.into()),
             token_serial: None,
             pin: SecretSource::File(self.data_dir.join("user.pin")),
-            sessions: default_sessions(),
+            // SoftHSM2 signs on the caller's CPU: more sessions than cores only adds thread
+            // switches (docs/benchmarks.md).
+            sessions: default_sessions()
+                .min(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
             acquire_timeout_ms: default_acquire_ms(),
         })
     }

@@ -59,6 +59,12 @@ impl StoreUrl {
         &self.text
     }
 
+    /// The URL as given, password included, for tools that open a store of their own
+    /// (`keygate bench` makes a database and points a configuration at it). Never log it.
+    pub fn expose_for_tools(&self) -> String {
+        self.text.clone()
+    }
+
     /// The URL with any password replaced by `***`.
     pub fn redacted(&self) -> String {
         redact(&self.text)
@@ -71,6 +77,27 @@ impl StoreUrl {
         }
         let rest = self.text.trim_start_matches("sqlite:").trim_start_matches("//");
         Some(rest.split('?').next().unwrap_or(rest))
+    }
+
+    /// The same server with database `db` (PostgreSQL URLs: the path is replaced).
+    pub fn with_database(&self, db: &str) -> StoreUrl {
+        let (head, query) = match self.text.split_once('?') {
+            Some((h, q)) => (h, Some(q)),
+            None => (self.text.as_str(), None),
+        };
+        let scheme_end = head.find("://").map_or(0, |i| i + 3);
+        let base = match head[scheme_end..].find('/') {
+            Some(i) => &head[..scheme_end + i],
+            None => head,
+        };
+        let text = match query {
+            Some(q) => format!("{base}/{db}?{q}"),
+            None => format!("{base}/{db}"),
+        };
+        StoreUrl {
+            kind: self.kind,
+            text,
+        }
     }
 
     /// True when the URL itself carries a password.
@@ -153,6 +180,17 @@ mod tests {
         assert!(!format!("{u:?} {u}").contains("s3cret"));
         assert!(u.has_password());
         assert_eq!(u.kind(), StoreKind::Postgres);
+    }
+
+    #[test]
+    fn another_database_on_the_same_server() {
+        let u = StoreUrl::parse("postgres://kg:pw@db:5432/postgres?sslmode=require").unwrap();
+        assert_eq!(
+            u.with_database("bench").expose(),
+            "postgres://kg:pw@db:5432/bench?sslmode=require"
+        );
+        let u = StoreUrl::parse("postgres://db").unwrap();
+        assert_eq!(u.with_database("x").expose(), "postgres://db/x");
     }
 
     #[test]

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow, bail};
 
-use crate::cli::enroll_tpm::{EkKind, Tpm};
 use crate::authority::Principal;
+use crate::cli::enroll_tpm::{EkKind, Tpm};
 use crate::config::{Config, EnrollMode};
 
 /// Linux reports process CPU time in USER_HZ ticks, 100 per second on every ABI keygate
@@ -189,7 +189,9 @@ pub(super) async fn report(
     for _ in 0..runs {
         let (cfg, u) = (config.clone(), uri.clone());
         raws.push(
-            tokio::task::spawn_blocking(move || super::load::raw_sign_rate(&cfg, &u, 1, secs)).await??,
+            tokio::task::spawn_blocking(move || super::load::raw_sign_rate(&cfg, &u, 1, secs))
+                .await??
+                .rate,
         );
     }
     let all = enrollment(service, config, tcti, secs, runs).await?;

@@ -12,7 +12,7 @@ use crate::authority::{IssueRequest, Principal, Scope};
 use crate::config::Config;
 
 /// Redemption figures of one run.
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug)]
 pub struct Redemption {
     pub rate: f64,
     pub p50_ms: f64,
@@ -60,7 +60,11 @@ pub(super) async fn serve(
 }
 
 /// Issues `n` one-time tokens, `parallel` at a time.
-async fn one_time_tokens(service: &crate::cli::Service, n: usize, parallel: usize) -> anyhow::Result<Vec<String>> {
+async fn one_time_tokens(
+    service: &crate::cli::Service,
+    n: usize,
+    parallel: usize,
+) -> anyhow::Result<Vec<String>> {
     let req = IssueRequest {
         subject: "bench-node".into(),
         audience: "bench".into(),
@@ -150,9 +154,17 @@ pub async fn redemption(
 }
 
 /// Revokes `n` tokens one after another over HTTP while one SSE client listens; each sample
-/// is the time from sending the revoke request to reading its event on the stream.
-pub async fn revocation_to_event(config: &Config, n: usize) -> anyhow::Result<SseLatency> {
+/// is the time from sending the revoke request to reading its event on the stream. With
+/// `across`, the stream is served by a second replica of the same store (two services in
+/// this process, each with its own pool, writer and change listener), so each event crosses
+/// the database (PostgreSQL LISTEN/NOTIFY).
+pub async fn revocation_to_event(config: &Config, n: usize, across: bool) -> anyhow::Result<SseLatency> {
     let service = crate::cli::build_service(config).await?;
+    let other = if across {
+        Some(crate::cli::build_service(config).await?)
+    } else {
+        None
+    };
     let who = admin();
     let api = service
         .authority
@@ -176,10 +188,19 @@ pub async fn revocation_to_event(config: &Config, n: usize) -> anyhow::Result<Ss
         jtis.push(service.authority.issue(&who, &req, "local").await?.jti);
     }
     let (addr, stop) = serve(&service).await?;
+    let (stream_addr, stop_other) = match &other {
+        Some(o) => {
+            let (a, s) = serve(o).await?;
+            (a, Some(s))
+        }
+        None => (addr, None),
+    };
     let http = reqwest::Client::new();
     let after = service.authority.store().revocation_seq().await?;
     let mut stream = http
-        .get(format!("http://{addr}/v1/revocations/stream?after={after}"))
+        .get(format!(
+            "http://{stream_addr}/v1/revocations/stream?after={after}"
+        ))
         .send()
         .await?;
     anyhow::ensure!(
@@ -211,6 +232,9 @@ pub async fn revocation_to_event(config: &Config, n: usize) -> anyhow::Result<Ss
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let _ = stop.send(());
+    if let Some(s) = stop_other {
+        let _ = s.send(());
+    }
     let _ = service
         .authority
         .delete_api_token("bench", &api.id, "local")

@@ -10,12 +10,14 @@ use hdrhistogram::Histogram;
 use crate::authority::Principal;
 use crate::config::Config;
 
-#[derive(Clone)]
+#[derive(Clone, Copy)]
 pub(super) struct Issuance {
     pub(super) rate: f64,
     pub(super) p50_ms: f64,
     pub(super) p99_ms: f64,
     pub(super) errors: u64,
+    /// Answers counted.
+    pub(super) count: u64,
 }
 
 fn digest(msg: &[u8]) -> [u8; 32] {
@@ -24,8 +26,29 @@ fn digest(msg: &[u8]) -> [u8; 32] {
     out
 }
 
+/// CPU time this thread has used, from the scheduler's own account (ns resolution).
+pub(super) fn thread_cpu() -> Duration {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .map(Duration::from_nanos)
+        .unwrap_or_default()
+}
+
+/// A raw signing run: signatures per second, and CPU per signature on the signing threads.
+#[derive(Clone, Copy)]
+pub(super) struct RawSign {
+    pub(super) rate: f64,
+    pub(super) cpu_us: f64,
+}
+
 /// Signatures per second with `sessions` sessions and as many signing threads.
-pub(super) fn raw_sign_rate(config: &Config, uri: &str, sessions: usize, secs: u64) -> anyhow::Result<f64> {
+pub(super) fn raw_sign_rate(
+    config: &Config,
+    uri: &str,
+    sessions: usize,
+    secs: u64,
+) -> anyhow::Result<RawSign> {
     let (backend, _) = crate::cli::serve::open_backend_blocking(config, Some(sessions))?;
     let d = digest(b"keygate bench");
     backend.sign_digest(uri, &d)?;
@@ -34,60 +57,62 @@ pub(super) fn raw_sign_rate(config: &Config, uri: &str, sessions: usize, secs: u
     let threads: Vec<_> = (0..sessions)
         .map(|_| {
             let (b, stop, count, uri) = (backend.clone(), stop.clone(), count.clone(), uri.to_owned());
-            std::thread::spawn(move || -> anyhow::Result<()> {
+            std::thread::spawn(move || -> anyhow::Result<Duration> {
+                let cpu = thread_cpu();
                 while !stop.load(Ordering::Relaxed) {
                     b.sign_digest(&uri, &d)?;
                     count.fetch_add(1, Ordering::Relaxed);
                 }
-                Ok(())
+                Ok(thread_cpu() - cpu)
             })
         })
         .collect();
     let started = Instant::now();
     std::thread::sleep(Duration::from_secs(secs));
     stop.store(true, Ordering::Relaxed);
+    let mut cpu = Duration::ZERO;
     for t in threads {
-        t.join()
+        cpu += t
+            .join()
             .map_err(|_| anyhow::anyhow!("a signing thread panicked"))??;
     }
-    Ok(count.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
+    let n = count.load(Ordering::Relaxed);
+    Ok(RawSign {
+        rate: n as f64 / started.elapsed().as_secs_f64(),
+        cpu_us: cpu.as_secs_f64() * 1e6 / n.max(1) as f64,
+    })
 }
 
-/// Tokens per second through `POST /v1/tokens` on loopback, `clients` at once.
-pub(super) async fn issuance(config: &Config, sessions: usize, clients: usize, secs: u64) -> anyhow::Result<Issuance> {
-    let service = crate::cli::serve::build_service_with(config, Some(sessions)).await?;
-    let who = Principal {
-        id: "bench".into(),
-        scopes: vec![crate::authority::Scope::Admin],
-    };
-    let api = service
-        .authority
-        .create_api_token(
-            &who.id,
-            "bench",
-            &["tokens:issue".to_owned()],
-            Some(3600),
-            false,
-            "local",
-        )
-        .await?;
-    let (addr, stop_tx) = super::lifecycle::serve(&service).await?;
+/// The prebuilt issuance request for the load generator.
+pub(super) fn issue_request(addr: std::net::SocketAddr, api_secret: &str) -> Arc<[u8]> {
     let body = r#"{"subject":"bench-node","audience":"bench","ttl_seconds":300}"#;
-    let request: Arc<[u8]> = format!(
-        "POST /v1/tokens HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        api.secret.as_str(),
+    format!(
+        "POST /v1/tokens HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {api_secret}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )
     .into_bytes()
-    .into();
-    // warm-up, and a check that the request is right
+    .into()
+}
+
+/// Sends `request` 50 times, checking that the answer is `expect`.
+pub(super) async fn warm_up(addr: std::net::SocketAddr, request: &[u8], expect: u16) -> anyhow::Result<()> {
     let mut conn = LoadConn::connect(addr).await?;
     for _ in 0..50 {
-        anyhow::ensure!(
-            conn.round_trip(&request).await? == 201,
-            "the benchmark request was refused"
-        );
+        let got = conn.round_trip(request).await?;
+        anyhow::ensure!(got == expect, "the benchmark request was answered {got}");
     }
+    Ok(())
+}
+
+/// Sends `request` from `clients` keep-alive connections for `secs` seconds; the latencies
+/// of answers with status `expect`.
+pub(super) async fn drive(
+    addr: std::net::SocketAddr,
+    request: Arc<[u8]>,
+    expect: u16,
+    clients: usize,
+    secs: u64,
+) -> anyhow::Result<Issuance> {
     let deadline = Instant::now() + Duration::from_secs(secs);
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -100,7 +125,7 @@ pub(super) async fn issuance(config: &Config, sessions: usize, clients: usize, s
             while Instant::now() < deadline {
                 let t = Instant::now();
                 match conn.round_trip(&request).await {
-                    Ok(201) => h.record(t.elapsed().as_micros() as u64)?,
+                    Ok(s) if s == expect => h.record(t.elapsed().as_micros() as u64)?,
                     Ok(_) => errors += 1,
                     Err(_) => {
                         errors += 1;
@@ -119,17 +144,51 @@ pub(super) async fn issuance(config: &Config, sessions: usize, clients: usize, s
         errors += e;
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let _ = stop_tx.send(());
-    let _ = service
-        .authority
-        .delete_api_token("bench", &api.id, "local")
-        .await;
     Ok(Issuance {
         rate: all.len() as f64 / elapsed,
         p50_ms: all.value_at_quantile(0.5) as f64 / 1000.0,
         p99_ms: all.value_at_quantile(0.99) as f64 / 1000.0,
         errors,
+        count: all.len(),
     })
+}
+
+/// Tokens per second through `POST /v1/tokens` on loopback, `clients` at once, served in
+/// this process.
+pub(super) async fn issuance(
+    config: &Config,
+    sessions: usize,
+    clients: usize,
+    secs: u64,
+) -> anyhow::Result<Issuance> {
+    let service = crate::cli::serve::build_service_with(config, Some(sessions)).await?;
+    let who = Principal {
+        id: "bench".into(),
+        scopes: vec![crate::authority::Scope::Admin],
+    };
+    let api = service
+        .authority
+        .create_api_token(
+            &who.id,
+            "bench",
+            &["tokens:issue".to_owned()],
+            Some(3600),
+            false,
+            "local",
+        )
+        .await?;
+    let (addr, stop_tx) = super::lifecycle::serve(&service).await?;
+    let request = issue_request(addr, api.secret.as_str());
+    let result = match warm_up(addr, &request, 201).await {
+        Ok(()) => drive(addr, request, 201, clients, secs).await,
+        Err(e) => Err(e),
+    };
+    let _ = stop_tx.send(());
+    let _ = service
+        .authority
+        .delete_api_token("bench", &api.id, "local")
+        .await;
+    result
 }
 
 /// A bare HTTP/1.1 keep-alive connection that sends one prebuilt request again and again:
@@ -185,7 +244,10 @@ impl LoadConn {
 /// Verifications per second on this thread for each of `ops`, measured in alternating
 /// slices of 50 ms for about `secs` seconds each, so that drift on a shared machine hits
 /// every contender alike.
-pub(super) fn per_core_interleaved(secs: f64, ops: &mut [&mut dyn FnMut() -> bool]) -> anyhow::Result<Vec<f64>> {
+pub(super) fn per_core_interleaved(
+    secs: f64,
+    ops: &mut [&mut dyn FnMut() -> bool],
+) -> anyhow::Result<Vec<f64>> {
     let mut counts = vec![0u64; ops.len()];
     let mut spent = vec![0f64; ops.len()];
     while spent.iter().any(|t| *t < secs) {
@@ -207,4 +269,3 @@ pub(super) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
-

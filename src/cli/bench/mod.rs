@@ -3,12 +3,16 @@
 //! and offline verification per core against the fastest raw ECDSA P-256 verify measured in
 //! the same run. Prints the ratios the project tracks (docs/benchmarks.md).
 
+mod cpu;
 mod enroll;
 mod lifecycle;
 mod load;
+mod report;
+mod stores;
 
 use clap::Args;
-use load::{Issuance, issuance, median, per_core_interleaved, raw_sign_rate};
+use load::{Issuance, RawSign, issuance, median, per_core_interleaved, raw_sign_rate};
+use report::Table;
 
 use crate::authority::Principal;
 use crate::config::Config;
@@ -31,6 +35,14 @@ pub struct BenchArgs {
     /// Print the results as a Markdown table as well.
     #[arg(long)]
     pub markdown: bool,
+    /// A PostgreSQL server (an admin URL, like postgres://postgres@127.0.0.1:5432/postgres)
+    /// to measure the PostgreSQL store on as well: issuance, redemption and revocation events
+    /// across two replicas. A database is made for the run and dropped after it.
+    #[arg(long, env = "KEYGATE_BENCH_PG_URL")]
+    pub pg_url: Option<String>,
+    /// Skip the server-CPU measurement (a `keygate serve` child process).
+    #[arg(long)]
+    pub no_server_cpu: bool,
     /// Measure attestation-gated enrollment instead, with the TPM at this TCTI playing the
     /// client (swtpm:host=127.0.0.1,port=2321, say).
     #[arg(long)]
@@ -39,11 +51,64 @@ pub struct BenchArgs {
 
 /// One run's figures; ratios are computed within a run, then the median is reported.
 struct Run {
-    raw1: f64,
-    raw_n: f64,
+    raw1: RawSign,
+    raw_n: RawSign,
     e2e1: Issuance,
     e2e_n: Issuance,
     redeem: lifecycle::Redemption,
+    /// On PostgreSQL (with --pg-url): issuance with N sessions, redemption.
+    pg: Option<(Issuance, lifecycle::Redemption)>,
+    /// Server CPU per issued token, SQLite, N sessions (`keygate serve` as a child).
+    cpu: Option<cpu::ServerCpu>,
+}
+
+/// What the bench needs from a first look at the service: the active key and a token.
+struct Sample {
+    uri: String,
+    backend: &'static str,
+    jwks: crate::token::JwkSet,
+    token: String,
+    /// A long-lived issuing API token for the server-CPU run.
+    api_secret: String,
+}
+
+async fn sample(config: &Config) -> anyhow::Result<Sample> {
+    let service = crate::cli::build_service(config).await?;
+    let ring = service.authority.key_ring();
+    let who = Principal {
+        id: "bench".into(),
+        scopes: vec![crate::authority::Scope::Admin],
+    };
+    let req = crate::authority::IssueRequest {
+        subject: "bench-node".into(),
+        audience: "bench".into(),
+        ttl_seconds: Some(3600),
+        ..Default::default()
+    };
+    let token = service
+        .authority
+        .issue(&who, &req, "local")
+        .await?
+        .token
+        .to_string();
+    let api = service
+        .authority
+        .create_api_token(
+            "bench",
+            "bench",
+            &["tokens:issue".to_owned()],
+            Some(86_400),
+            false,
+            "local",
+        )
+        .await?;
+    Ok(Sample {
+        uri: ring.active.uri.clone(),
+        backend: service.backend.kind(),
+        jwks: ring.jwks.clone(),
+        token,
+        api_secret: api.secret.to_string(),
+    })
 }
 
 pub async fn run(a: BenchArgs, config: Config) -> anyhow::Result<()> {
@@ -64,84 +129,254 @@ pub async fn run(a: BenchArgs, config: Config) -> anyhow::Result<()> {
     if let Some(tcti) = &a.enroll_tcti {
         return enroll::report(&config, tcti, secs, runs, a.markdown).await;
     }
-    // The active key, and a token it signed, for the verification runs.
-    let service = crate::cli::build_service(&config).await?;
-    let ring_ = service.authority.key_ring();
-    let uri = ring_.active.uri.clone();
-    let backend_kind = service.backend.kind();
-    let jwks = ring_.jwks.clone();
-    let who = Principal {
-        id: "bench".into(),
-        scopes: vec![crate::authority::Scope::Admin],
+    let s = sample(&config).await?;
+    let pg = match &a.pg_url {
+        Some(url) => Some(stores::BenchDb::create(&config, url).await?),
+        None => None,
     };
-    let req = crate::authority::IssueRequest {
-        subject: "bench-node".into(),
-        audience: "bench".into(),
-        ttl_seconds: Some(3600),
-        ..Default::default()
-    };
-    let token = service
-        .authority
-        .issue(&who, &req, "local")
-        .await?
-        .token
-        .to_string();
-    drop(ring_);
-    drop(service);
-
     eprintln!(
-        "keygate bench: {runs} runs of {secs} s per measurement, N = {n} sessions, {} HTTP clients",
-        a.clients
+        "keygate bench: {runs} runs of {secs} s per measurement, N = {n} sessions, {} HTTP clients{}",
+        a.clients,
+        if pg.is_some() {
+            ", SQLite and PostgreSQL"
+        } else {
+            ", SQLite (no --pg-url)"
+        }
     );
+    let result = measure(&a, &config, &s, pg.as_ref(), n, secs, runs).await;
+    if let Some(db) = pg
+        && let Err(e) = db.drop_database().await
+    {
+        eprintln!("keygate bench: could not drop the bench database: {e:#}");
+    }
+    result
+}
+
+async fn measure(
+    a: &BenchArgs,
+    config: &Config,
+    s: &Sample,
+    pg: Option<&stores::BenchDb>,
+    n: usize,
+    secs: u64,
+    runs: usize,
+) -> anyhow::Result<()> {
     let mut all = Vec::new();
     for r in 1..=runs {
         // Raw and end-to-end side by side, so each ratio compares like with like.
-        let (cfg, u) = (config.clone(), uri.clone());
+        let (cfg, u) = (config.clone(), s.uri.clone());
         let raw1 = tokio::task::spawn_blocking(move || raw_sign_rate(&cfg, &u, 1, secs)).await??;
-        let e2e1 = issuance(&config, 1, a.clients, secs).await?;
+        let e2e1 = issuance(config, 1, a.clients, secs).await?;
         // With one session only (a TPM), the N-session pair is the same measurement.
         let (raw_n, e2e_n) = if n > 1 {
-            let (cfg, u) = (config.clone(), uri.clone());
+            let (cfg, u) = (config.clone(), s.uri.clone());
             let raw_n = tokio::task::spawn_blocking(move || raw_sign_rate(&cfg, &u, n, secs)).await??;
-            (raw_n, issuance(&config, n, a.clients, secs).await?)
+            (raw_n, issuance(config, n, a.clients, secs).await?)
         } else {
-            (raw1, e2e1.clone())
+            (raw1, e2e1)
         };
-        if n > 1 {
-            eprintln!(
-                "  run {r}: raw 1 {raw1:.0}/s, issue 1 {:.0}/s ({:.2}); raw {n} {raw_n:.0}/s, issue {n} {:.0}/s ({:.2})",
-                e2e1.rate,
-                e2e1.rate / raw1,
-                e2e_n.rate,
-                e2e_n.rate / raw_n
-            );
-        } else {
-            eprintln!(
-                "  run {r}: raw {raw1:.0}/s, issue {:.0}/s ({:.2})",
-                e2e1.rate,
-                e2e1.rate / raw1
-            );
-        }
-        // After the issuance pairs, so that they stay side by side as before.
         let tokens = (secs as usize * 6000).min(40_000);
-        let redeem = lifecycle::redemption(&config, tokens, a.clients, secs).await?;
-        eprintln!("  run {r}: redeem {:.0}/s", redeem.rate);
+        let redeem = lifecycle::redemption(config, tokens, a.clients, secs).await?;
+        let pg_run = match pg {
+            Some(db) => Some((
+                issuance(&db.config, n, a.clients, secs).await?,
+                lifecycle::redemption(&db.config, tokens, a.clients, secs).await?,
+            )),
+            None => None,
+        };
+        let cpu = if a.no_server_cpu {
+            None
+        } else {
+            Some(cpu::server_cpu(config, &s.api_secret, a.clients, secs).await?)
+        };
+        eprintln!(
+            "  run {r}: raw 1 {:.0}/s ({:.1} us CPU), issue 1 {:.0}/s, issue {n} {:.0}/s, redeem {:.0}/s{}{}",
+            raw1.rate,
+            raw1.cpu_us,
+            e2e1.rate,
+            e2e_n.rate,
+            redeem.rate,
+            pg_run
+                .map(|(i, r)| format!(", PostgreSQL issue {:.0}/s redeem {:.0}/s", i.rate, r.rate))
+                .unwrap_or_default(),
+            cpu.map(|c| format!(", server CPU {:.1} us/token", c.cpu_us))
+                .unwrap_or_default(),
+        );
         all.push(Run {
             raw1,
             raw_n,
             e2e1,
             e2e_n,
             redeem,
+            pg: pg_run,
+            cpu,
         });
     }
-    let sse = lifecycle::revocation_to_event(&config, 200).await?;
+    let sse = lifecycle::revocation_to_event(config, 200, false).await?;
+    let sse_across = match pg {
+        Some(db) => Some(lifecycle::revocation_to_event(&db.config, 200, true).await?),
+        None => None,
+    };
+    let verify = verification(config, s, secs as f64 * runs as f64 / 2.0)?;
 
-    // Offline verification, one core, all contenders interleaved.
-    let verifier = Verifier::new(&jwks, VerifierConfig::new(config.issuer(), "bench"))?;
-    let parts = jws::parse(&token).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let med = |f: &dyn Fn(&Run) -> f64| median(all.iter().map(f).collect());
+    let c = a.clients;
+    let mut t = Table::new(format!(
+        "medians of {runs} runs; backend {}, one key per store",
+        s.backend
+    ));
+    t.row(
+        "raw sign, 1 session",
+        format!(
+            "{:.0}/s, {:.1} us CPU each",
+            med(&|r| r.raw1.rate),
+            med(&|r| r.raw1.cpu_us)
+        ),
+        "",
+    );
+    if n > 1 {
+        t.row(
+            format!("raw sign, {n} sessions"),
+            format!("{:.0}/s", med(&|r| r.raw_n.rate)),
+            "",
+        );
+    }
+    let lat = |rate: f64, p50: f64, p99: f64| format!("{rate:.0}/s (p50 {p50:.2} ms, p99 {p99:.2} ms)");
+    t.row(
+        format!("issuance over HTTP, SQLite, 1 session, {c} clients"),
+        lat(
+            med(&|r| r.e2e1.rate),
+            med(&|r| r.e2e1.p50_ms),
+            med(&|r| r.e2e1.p99_ms),
+        ),
+        format!(
+            "{:.2} of raw (target >= 0.5)",
+            med(&|r| r.e2e1.rate / r.raw1.rate)
+        ),
+    );
+    if n > 1 {
+        t.row(
+            format!("issuance over HTTP, SQLite, {n} sessions, {c} clients"),
+            lat(
+                med(&|r| r.e2e_n.rate),
+                med(&|r| r.e2e_n.p50_ms),
+                med(&|r| r.e2e_n.p99_ms),
+            ),
+            format!(
+                "{:.2} of raw (target >= 0.5)",
+                med(&|r| r.e2e_n.rate / r.raw_n.rate)
+            ),
+        );
+    }
+    if pg.is_some() {
+        let pgi = |f: &dyn Fn(&Issuance) -> f64| med(&|r| r.pg.map(|p| f(&p.0)).unwrap_or(0.0));
+        t.row(
+            format!("issuance over HTTP, PostgreSQL, {n} sessions, {c} clients"),
+            lat(pgi(&|i| i.rate), pgi(&|i| i.p50_ms), pgi(&|i| i.p99_ms)),
+            format!(
+                "{:.2} of SQLite (target >= 0.5)",
+                med(&|r| r.pg.map(|p| p.0.rate).unwrap_or(0.0) / r.e2e_n.rate)
+            ),
+        );
+    }
+    t.row(
+        format!("one-time redemption over HTTP, SQLite, {c} clients"),
+        lat(
+            med(&|r| r.redeem.rate),
+            med(&|r| r.redeem.p50_ms),
+            med(&|r| r.redeem.p99_ms),
+        ),
+        format!(
+            "{:.2} of raw sign, 1 session",
+            med(&|r| r.redeem.rate / r.raw1.rate)
+        ),
+    );
+    if pg.is_some() {
+        let pgr = |f: &dyn Fn(&lifecycle::Redemption) -> f64| {
+            med(&|r| r.pg.as_ref().map(|p| f(&p.1)).unwrap_or(0.0))
+        };
+        t.row(
+            format!("one-time redemption over HTTP, PostgreSQL, {c} clients"),
+            lat(pgr(&|x| x.rate), pgr(&|x| x.p50_ms), pgr(&|x| x.p99_ms)),
+            format!(
+                "{:.2} of SQLite",
+                med(&|r| r.pg.as_ref().map(|p| p.1.rate).unwrap_or(0.0) / r.redeem.rate)
+            ),
+        );
+    }
+    let ev = |l: &lifecycle::SseLatency| {
+        format!(
+            "p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} revocations)",
+            l.p50_ms, l.p99_ms, l.max_ms, l.samples
+        )
+    };
+    t.row(
+        "revocation -> SSE event, one replica, SQLite",
+        ev(&sse),
+        "target <= 100 ms",
+    );
+    if let Some(x) = &sse_across {
+        t.row(
+            "revocation -> SSE event across replicas, PostgreSQL",
+            ev(x),
+            "target p99 < 50 ms",
+        );
+    }
+    if all.iter().all(|r| r.cpu.is_some()) {
+        let cpu = |f: &dyn Fn(&cpu::ServerCpu) -> f64| med(&|r| r.cpu.map(|x| f(&x)).unwrap_or(0.0));
+        t.row(
+            format!("server CPU per issued token, SQLite, keygate serve, {c} clients"),
+            format!("{:.1} us ({:.0}/s)", cpu(&|x| x.cpu_us), cpu(&|x| x.issued.rate)),
+            format!(
+                "{:.2} x raw signature CPU (target <= 2)",
+                med(&|r| r.cpu.map(|x| x.cpu_us).unwrap_or(0.0) / r.raw1.cpu_us)
+            ),
+        );
+    }
+    verify.rows(&mut t);
+    let errors: u64 = all
+        .iter()
+        .map(|r| {
+            r.e2e1.errors
+                + r.e2e_n.errors
+                + r.redeem.errors
+                + r.pg.map(|p| p.0.errors + p.1.errors).unwrap_or(0)
+        })
+        .sum();
+    t.row("failed requests, all runs", errors.to_string(), "");
+    t.print(a.markdown);
+    Ok(())
+}
+
+/// Offline verification rates, one core, all contenders interleaved.
+struct Verification {
+    keygate: f64,
+    contenders: [(&'static str, f64); 3],
+}
+
+impl Verification {
+    fn rows(&self, t: &mut Table) {
+        let fastest = self
+            .contenders
+            .iter()
+            .fold(("", 0.0), |best, x| if x.1 > best.1 { *x } else { best });
+        t.row(
+            "verify, keygate verifier, 1 core",
+            format!("{:.0}/s", self.keygate),
+            format!("{:.2} of {} (target >= 0.9)", self.keygate / fastest.1, fastest.0),
+        );
+        for (name, rate) in self.contenders {
+            t.row(format!("verify, raw {name}, 1 core"), format!("{rate:.0}/s"), "");
+        }
+    }
+}
+
+fn verification(config: &Config, s: &Sample, secs: f64) -> anyhow::Result<Verification> {
+    let verifier = Verifier::new(&s.jwks, VerifierConfig::new(config.issuer(), "bench"))?;
+    let parts = jws::parse(&s.token).map_err(|e| anyhow::anyhow!("{e}"))?;
     let input = parts.signing_input.as_bytes().to_vec();
     let sig = parts.signature.clone();
-    let (point, _) = jwks.keys[0].es256_point()?;
+    let (point, _) = s.jwks.keys[0].es256_point()?;
     let aws =
         aws_lc_rs::signature::ParsedPublicKey::new(&aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED, &point)
             .map_err(|_| anyhow::anyhow!("aws-lc-rs refused the key"))?;
@@ -151,104 +386,16 @@ pub async fn run(a: BenchArgs, config: Config) -> anyhow::Result<()> {
     let p256_sig = p256::ecdsa::Signature::from_slice(&sig)?;
     let mut kg = || {
         verifier
-            .verify(&token)
+            .verify(&s.token)
             .map(|c: Claims| c.sub == "bench-node")
             .unwrap_or(false)
     };
     let mut aw = || aws.verify_sig(&input, &sig).is_ok();
     let mut ri = || ring_key.verify(&input, &sig).is_ok();
     let mut p2 = || p256_key.verify(&input, &p256_sig).is_ok();
-    let rates = per_core_interleaved(
-        secs as f64 * runs as f64 / 2.0,
-        &mut [&mut kg, &mut aw, &mut ri, &mut p2],
-    )?;
-    let (keygate_rate, aws_rate, ring_rate, p256_rate) = (rates[0], rates[1], rates[2], rates[3]);
-    let fastest = [("aws-lc-rs", aws_rate), ("ring", ring_rate), ("p256", p256_rate)]
-        .into_iter()
-        .fold(("", 0.0), |best, x| if x.1 > best.1 { x } else { best });
-
-    let med = |f: &dyn Fn(&Run) -> f64| median(all.iter().map(f).collect());
-    let (raw1, raw_n) = (med(&|r| r.raw1), med(&|r| r.raw_n));
-    let (e1, en) = (med(&|r| r.e2e1.rate), med(&|r| r.e2e_n.rate));
-    let (p50_1, p99_1) = (med(&|r| r.e2e1.p50_ms), med(&|r| r.e2e1.p99_ms));
-    let (p50_n, p99_n) = (med(&|r| r.e2e_n.p50_ms), med(&|r| r.e2e_n.p99_ms));
-    let errors: u64 = all.iter().map(|r| r.e2e1.errors + r.e2e_n.errors).sum();
-    let (red, red_p50, red_p99) = (
-        med(&|r| r.redeem.rate),
-        med(&|r| r.redeem.p50_ms),
-        med(&|r| r.redeem.p99_ms),
-    );
-    let red_errors: u64 = all.iter().map(|r| r.redeem.errors).sum();
-    let r_redeem = med(&|r| r.redeem.rate / r.raw1);
-    let r_issue1 = med(&|r| r.e2e1.rate / r.raw1);
-    let r_issue_n = med(&|r| r.e2e_n.rate / r.raw_n);
-    let r_verify = keygate_rate / fastest.1;
-    let c = a.clients;
-    println!("medians of {runs} runs; backend {}, one key", backend_kind);
-    println!("raw sign, 1 session          {raw1:>8.0} /s");
-    if n > 1 {
-        println!("raw sign, {n} sessions         {raw_n:>8.0} /s");
-    }
-    println!(
-        "issuance, 1 session          {e1:>8.0} /s   p50 {p50_1:.2} ms   p99 {p99_1:.2} ms   ({c} clients)"
-    );
-    if n > 1 {
-        println!(
-            "issuance, {n} sessions         {en:>8.0} /s   p50 {p50_n:.2} ms   p99 {p99_n:.2} ms   ({c} clients)"
-        );
-    }
-    println!("failed issuance requests     {errors:>8}");
-    println!(
-        "one-time redemption          {red:>8.0} /s   p50 {red_p50:.2} ms   p99 {red_p99:.2} ms   ({c} clients)"
-    );
-    println!("failed redemptions           {red_errors:>8}");
-    println!(
-        "revocation -> SSE event      p50 {:.2} ms   p99 {:.2} ms   max {:.2} ms   ({} revocations, target <= 100 ms)",
-        sse.p50_ms, sse.p99_ms, sse.max_ms, sse.samples
-    );
-    println!("verify, keygate verifier     {keygate_rate:>8.0} /s per core");
-    println!("verify, raw aws-lc-rs        {aws_rate:>8.0} /s per core");
-    println!("verify, raw ring             {ring_rate:>8.0} /s per core");
-    println!("verify, raw p256             {p256_rate:>8.0} /s per core");
-    println!("ratio issuance/raw sign, 1 session:   {r_issue1:.2}  (target >= 0.5)");
-    if n > 1 {
-        println!("ratio issuance/raw sign, {n} sessions:  {r_issue_n:.2}  (target >= 0.5)");
-    }
-    println!(
-        "ratio verify/fastest raw ({}): {r_verify:.2}  (target >= 0.9)",
-        fastest.0
-    );
-    println!("ratio redemption/raw sign, 1 session: {r_redeem:.2}  (no signature: bound by the store)");
-    if a.markdown {
-        println!();
-        println!("| measurement (median of {runs} runs) | rate | ratio |");
-        println!("|---|---|---|");
-        println!("| raw sign, 1 session | {raw1:.0}/s | |");
-        if n > 1 {
-            println!("| raw sign, {n} sessions | {raw_n:.0}/s | |");
-        }
-        println!(
-            "| issuance over HTTP, 1 session, {c} clients | {e1:.0}/s (p50 {p50_1:.2} ms, p99 {p99_1:.2} ms) | {r_issue1:.2} of raw |"
-        );
-        if n > 1 {
-            println!(
-                "| issuance over HTTP, {n} sessions, {c} clients | {en:.0}/s (p50 {p50_n:.2} ms, p99 {p99_n:.2} ms) | {r_issue_n:.2} of raw |"
-            );
-        }
-        println!(
-            "| verify, keygate verifier, 1 core | {keygate_rate:.0}/s | {r_verify:.2} of {} |",
-            fastest.0
-        );
-        println!(
-            "| one-time redemption over HTTP, {c} clients | {red:.0}/s (p50 {red_p50:.2} ms, p99 {red_p99:.2} ms) | {r_redeem:.2} of raw sign, 1 session |"
-        );
-        println!(
-            "| revocation → SSE event ({} samples) | p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms | target ≤ 100 ms |",
-            sse.samples, sse.p50_ms, sse.p99_ms, sse.max_ms
-        );
-        println!("| verify, raw aws-lc-rs, 1 core | {aws_rate:.0}/s | |");
-        println!("| verify, raw ring, 1 core | {ring_rate:.0}/s | |");
-        println!("| verify, raw p256, 1 core | {p256_rate:.0}/s | |");
-    }
-    Ok(())
+    let rates = per_core_interleaved(secs, &mut [&mut kg, &mut aw, &mut ri, &mut p2])?;
+    Ok(Verification {
+        keygate: rates[0],
+        contenders: [("aws-lc-rs", rates[1]), ("ring", rates[2]), ("p256", rates[3])],
+    })
 }
