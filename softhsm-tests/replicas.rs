@@ -383,20 +383,14 @@ async fn the_store_speaks_tls_to_postgresql_and_refuses_a_server_it_cannot_verif
     issue(&r[0].base, &env.admin, json!({"subject": "s", "audience": "a"})).await;
     // every keygate session on the server is encrypted
     let db = crate::common::db::TestDb::connect(&plain).await;
-    let sessions = db
-        .int(
-            "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
-             WHERE a.application_name = 'keygate'",
+    let (sessions, encrypted) = db
+        .two_opt_ints(
+            "SELECT count(*), count(*) FILTER (WHERE s.ssl) FROM pg_stat_ssl s
+             JOIN pg_stat_activity a USING (pid) WHERE a.application_name = 'keygate'",
             &[],
         )
         .await;
-    let encrypted = db
-        .int(
-            "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
-             WHERE a.application_name = 'keygate' AND s.ssl",
-            &[],
-        )
-        .await;
+    let (sessions, encrypted) = (sessions.unwrap(), encrypted.unwrap());
     db.close().await;
     assert!(
         sessions > 0 && encrypted == sessions,

@@ -465,6 +465,52 @@ mod tests {
     }
 
     #[test]
+    fn store_urls_and_passwords() {
+        let c = Config::parse("").unwrap();
+        assert!(c.store_is_sqlite());
+        assert!(c.store_url().ends_with("keygate-data/keygate.db"));
+        let pg = Config::parse(
+            "[store]\nurl = \"postgres://kg@db:5432/keygate\"\npassword = { env = \"KG_TEST_NO_SUCH_VAR\" }",
+        )
+        .unwrap();
+        pg.validate().unwrap();
+        assert!(!pg.store_is_sqlite());
+        // the password is read when the store is opened, and its absence is one clear line
+        let e = pg.store_options().unwrap_err().to_string();
+        assert!(e.contains("[store] password") && e.contains("KG_TEST_NO_SUCH_VAR"), "{e}");
+        for bad in [
+            "[store]\nurl = \"mysql://db/x\"",
+            "[store]\nurl = \"sqlite:///x.db\"\npassword = { file = \"/p\" }",
+            "[store]\nmax_connections = 0",
+        ] {
+            assert!(Config::parse(bad).unwrap().validate().is_err(), "{bad}");
+        }
+        // a password in the URL never shows in an error
+        let e = Config::parse("[store]\nurl = \"postgresql://kg:s3cret@db/x?sslmode=nonsense\"")
+            .unwrap()
+            .store_options()
+            .map(|_| ())
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(!e.contains("s3cret"), "{e}");
+    }
+
+    #[test]
+    fn every_override_is_listed_once() {
+        let vars: std::collections::BTreeSet<_> = ENV_OVERRIDES.iter().map(|(v, _)| *v).collect();
+        assert_eq!(vars.len(), ENV_OVERRIDES.len());
+        let text = include_str!("mod.rs");
+        // KEYGATE_CONFIG is read by the command line (clap), before any file is.
+        for (var, _) in ENV_OVERRIDES.iter().filter(|(_, f)| !f.starts_with('(')) {
+            assert!(
+                text.matches(&format!("\"{var}\"")).count() >= 2,
+                "{var} is listed but never read"
+            );
+        }
+    }
+
+    #[test]
     fn conflicting_ttls_are_refused() {
         let c = Config::parse("[tokens]\ndefault_ttl_seconds=100\nmax_ttl_seconds=10").unwrap();
         assert!(c.validate().unwrap_err().to_string().contains("exceeds"));

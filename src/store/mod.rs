@@ -155,48 +155,32 @@ impl Store {
     pub async fn open(opts: &StoreOptions) -> Result<Store, StoreError> {
         let (jobs, rx) = mpsc::channel(4096);
         let changes = broadcast::channel(1024).0;
-        let url = Arc::new(opts.url.clone());
-        let store = match opts.url.kind() {
+        let (pool, conn, pg) = match opts.url.kind() {
             StoreKind::Sqlite => {
                 let (pool, w) =
                     sqlite::open(&opts.url, opts.sqlite_synchronous_full, opts.max_connections).await?;
-                let pool = Pool::Sqlite(pool);
-                tokio::spawn(writer::run(
-                    writer::Conn::Sqlite(w),
-                    rx,
-                    changes.clone(),
-                    pool.clone(),
-                ));
-                Store {
-                    pool,
-                    jobs,
-                    changes,
-                    url,
-                    pg: None,
-                }
+                (Pool::Sqlite(pool), writer::Conn::Sqlite(w), None)
             }
             StoreKind::Postgres => {
                 let pg = postgres::connect_options(&opts.url, opts.password.as_ref())?;
                 let pool = postgres::open(&opts.url, &pg, opts.max_connections).await?;
-                let w = Box::new(postgres::PgWriter::new(pg.clone()));
                 tokio::spawn(postgres::listen(pool.clone(), changes.downgrade()));
-                let pool = Pool::Postgres(pool);
-                tokio::spawn(writer::run(
+                let w = Box::new(postgres::PgWriter::new(pg.clone()));
+                (
+                    Pool::Postgres(pool),
                     writer::Conn::Postgres(w),
-                    rx,
-                    changes.clone(),
-                    pool.clone(),
-                ));
-                Store {
-                    pool,
-                    jobs,
-                    changes,
-                    url,
-                    pg: Some(Arc::new(pg)),
-                }
+                    Some(Arc::new(pg)),
+                )
             }
         };
-        Ok(store)
+        tokio::spawn(writer::run(conn, rx, changes.clone(), pool.clone()));
+        Ok(Store {
+            pool,
+            jobs,
+            changes,
+            url: Arc::new(opts.url.clone()),
+            pg,
+        })
     }
 
     /// Opens `url` with default options.
