@@ -1,6 +1,7 @@
 //! Test harness: a process-wide SoftHSM2 configuration, a fresh token per test, keygate
 //! initialised on it, and helpers to serve it in-process or run the real binary.
 
+pub mod cut;
 pub mod db;
 pub mod pg;
 pub mod replicas;

@@ -477,7 +477,10 @@ mod tests {
         assert!(!pg.store_is_sqlite());
         // the password is read when the store is opened, and its absence is one clear line
         let e = pg.store_options().unwrap_err().to_string();
-        assert!(e.contains("[store] password") && e.contains("KG_TEST_NO_SUCH_VAR"), "{e}");
+        assert!(
+            e.contains("[store] password") && e.contains("KG_TEST_NO_SUCH_VAR"),
+            "{e}"
+        );
         for bad in [
             "[store]\nurl = \"mysql://db/x\"",
             "[store]\nurl = \"sqlite:///x.db\"\npassword = { file = \"/p\" }",

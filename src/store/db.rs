@@ -5,12 +5,38 @@
 //! pool or on the writer's connection. Where the two dialects differ, the caller picks the
 //! text by [`Exec::kind`]; nothing is hidden behind a macro that rewrites SQL.
 
+use std::future::Future;
+use std::time::Duration;
+
 use futures_util::future::BoxFuture;
 use sqlx::postgres::{PgConnection, PgPool, PgRow};
 use sqlx::sqlite::{SqliteConnection, SqlitePool, SqliteRow};
 use sqlx::{FromRow, Postgres, Sqlite};
 
 use super::StoreKind;
+
+/// How long a query on the PostgreSQL read pool may take, answer included. A server that
+/// stopped answering (a network cut, not a refused connection) must not hold a request for
+/// the operating system's TCP timeout; the writer has its own bound (`postgres.rs`).
+pub(crate) const PG_READ_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// `fut`, bounded by [`PG_READ_TIMEOUT`] when `bounded`.
+async fn within<T>(
+    bounded: bool,
+    fut: impl Future<Output = Result<T, sqlx::Error>>,
+) -> Result<T, sqlx::Error> {
+    if !bounded {
+        return fut.await;
+    }
+    tokio::time::timeout(PG_READ_TIMEOUT, fut)
+        .await
+        .unwrap_or_else(|_| {
+            Err(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "PostgreSQL did not answer within 3 s",
+            )))
+        })
+}
 
 /// A bind value: the few types keygate stores.
 #[derive(Debug, Clone, Copy)]
@@ -122,12 +148,13 @@ impl Exec<'_> {
         sql: &'s str,
         args: &'s [Arg<'s>],
     ) -> BoxFuture<'s, Result<u64, sqlx::Error>> {
-        Box::pin(async move {
+        let bounded = matches!(self, Exec::PgPool(_));
+        Box::pin(within(bounded, async move {
             on_exec!(self, |e, Db| Ok(bind_args!(sqlx::query::<Db>(sql), args)
                 .execute(e)
                 .await?
                 .rows_affected()))
-        })
+        }))
     }
 
     /// Runs a statement without parameters through the simple-query protocol: several
@@ -169,11 +196,12 @@ impl Exec<'_> {
         sql: &'s str,
         args: &'s [Arg<'s>],
     ) -> BoxFuture<'s, Result<Vec<T>, sqlx::Error>> {
-        Box::pin(async move {
+        let bounded = matches!(self, Exec::PgPool(_));
+        Box::pin(within(bounded, async move {
             on_exec!(self, |e, Db| bind_args!(sqlx::query_as::<Db, T>(sql), args)
                 .fetch_all(e)
                 .await)
-        })
+        }))
     }
 
     pub(crate) fn fetch_optional<'s, T: AnyRow + 's>(
@@ -181,11 +209,12 @@ impl Exec<'_> {
         sql: &'s str,
         args: &'s [Arg<'s>],
     ) -> BoxFuture<'s, Result<Option<T>, sqlx::Error>> {
-        Box::pin(async move {
+        let bounded = matches!(self, Exec::PgPool(_));
+        Box::pin(within(bounded, async move {
             on_exec!(self, |e, Db| bind_args!(sqlx::query_as::<Db, T>(sql), args)
                 .fetch_optional(e)
                 .await)
-        })
+        }))
     }
 
     pub(crate) fn fetch_one<'s, T: AnyRow + 's>(
@@ -193,11 +222,12 @@ impl Exec<'_> {
         sql: &'s str,
         args: &'s [Arg<'s>],
     ) -> BoxFuture<'s, Result<T, sqlx::Error>> {
-        Box::pin(async move {
+        let bounded = matches!(self, Exec::PgPool(_));
+        Box::pin(within(bounded, async move {
             on_exec!(self, |e, Db| bind_args!(sqlx::query_as::<Db, T>(sql), args)
                 .fetch_one(e)
                 .await)
-        })
+        }))
     }
 }
 

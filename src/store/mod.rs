@@ -209,13 +209,27 @@ impl Store {
     /// Applies `ops` and appends `audit` to the log, atomically: either all of it is
     /// committed or none. Returns rows affected per op.
     pub async fn write(&self, ops: Vec<WriteOp>, audit: AuditRecord) -> Result<Vec<u64>, StoreError> {
-        let (reply, rx) = oneshot::channel();
-        self.jobs
-            .send(Job { ops, audit, reply })
+        let answer = async {
+            let (reply, rx) = oneshot::channel();
+            self.jobs
+                .send(Job { ops, audit, reply })
+                .await
+                .map_err(|_| StoreError::Unavailable("writer stopped".into()))?;
+            rx.await
+                .map_err(|_| StoreError::Unavailable("writer stopped".into()))?
+        };
+        if self.pg.is_none() {
+            return answer.await;
+        }
+        // PostgreSQL: a caller is answered within a bound even when the database stopped
+        // answering; the write may still commit later (ADR 0011, "Faults").
+        tokio::time::timeout(postgres::WRITE_WAIT, answer)
             .await
-            .map_err(|_| StoreError::Unavailable("writer stopped".into()))?;
-        rx.await
-            .map_err(|_| StoreError::Unavailable("writer stopped".into()))?
+            .unwrap_or_else(|_| {
+                Err(StoreError::Unavailable(
+                    "the database did not answer in time".into(),
+                ))
+            })
     }
 
     /// Appends an audit entry alone (a refusal, say).

@@ -34,7 +34,10 @@ pub(super) const CHANNEL: &str = "keygate_changes";
 /// How long a connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long one batch of writes may take before the writer gives up on its connection.
-const BATCH_TIMEOUT: Duration = Duration::from_secs(8);
+const BATCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a caller waits for its write to be answered (queueing behind a batch that
+/// times out included) before it is told the store is unavailable.
+pub(super) const WRITE_WAIT: Duration = Duration::from_secs(6);
 
 /// Session settings of every connection: nothing waits on the database for long.
 const SESSION: [(&str, &str); 3] = [
