@@ -14,6 +14,7 @@ mod enroll;
 mod faults;
 mod hsm;
 mod http;
+mod network;
 mod process;
 mod redeem;
 mod replicas;

@@ -150,8 +150,14 @@ pub(super) async fn adopt_legacy_keys(
     backend: &Arc<dyn KeyBackend>,
     device: &str,
 ) -> Result<(), AuthorityError> {
+    let keys = store.signing_keys().await?;
+    // A state this device holds already (it made a key since): adopting another key into it
+    // would break "one active, one next per device"; such a key is left for the operator.
+    let taken = |state: &str| {
+        matches!(state, "active" | "next") && keys.iter().any(|k| k.device == device && k.state == state)
+    };
     let mut mine = Vec::new();
-    for row in store.signing_keys().await? {
+    for row in &keys {
         if !row.device.is_empty() || row.backend != backend.kind() || row.destroyed_at.is_some() {
             continue;
         }
@@ -159,10 +165,22 @@ pub(super) async fn adopt_legacy_keys(
         let found = tokio::task::spawn_blocking(move || b.find_key(&uri))
             .await
             .map_err(|e| AuthorityError::Internal(e.to_string()))?;
-        let Ok(info) = found else { continue };
-        if serde_json::from_str::<Jwk>(&row.jwk).ok() == Some(Jwk::from_public_key(&info.public_key)) {
-            mine.push(row.kid);
+        let info = match found {
+            Ok(info) => info,
+            // Another device's key (another replica's TPM), or a key removed since.
+            Err(crate::keys::KeyError::KeyNotFound(_)) => continue,
+            // The device cannot say now: do not guess (adopting later is fine, making a
+            // second active key now is not).
+            Err(e) => return Err(e.into()),
+        };
+        if serde_json::from_str::<Jwk>(&row.jwk).ok() != Some(Jwk::from_public_key(&info.public_key)) {
+            continue;
         }
+        if taken(&row.state) {
+            tracing::warn!(kid = %row.kid, state = %row.state, device, "not adopting a key: this device has a key in that state already");
+            continue;
+        }
+        mine.push(row.kid.clone());
     }
     if !mine.is_empty() {
         let target = mine.join(",");
@@ -226,8 +244,11 @@ pub(super) async fn generate_key(
     })
 }
 
-/// Records a freshly generated key (plus `more` ops, in the same transaction). When that
-/// fails, the key is removed from the device again, so no unrecorded key is left behind.
+/// Records a freshly generated key (plus `more` ops, in the same transaction). When the
+/// store refuses the write (another process recorded a key first, say), the key is removed
+/// from the device again, so no unrecorded key is left behind. When the store did not
+/// answer, the write may still commit: the key stays in the device, unrecorded and unused
+/// at worst, rather than recorded and gone.
 pub(super) async fn record_new_key(
     store: &Store,
     backend: &Arc<dyn KeyBackend>,
@@ -238,11 +259,17 @@ pub(super) async fn record_new_key(
     let uri = row.uri.clone();
     let mut ops = vec![WriteOp::InsertSigningKey(row)];
     ops.extend(more);
-    if let Err(e) = store.write(ops, audit).await {
-        forget_device_key(backend, &uri).await;
-        return Err(e.into());
+    match store.write(ops, audit).await {
+        Ok(_) => Ok(()),
+        Err(e @ crate::store::StoreError::Unavailable(_)) => {
+            tracing::warn!(uri, error = %e, "the store did not confirm a new key; it stays on the device");
+            Err(e.into())
+        }
+        Err(e) => {
+            forget_device_key(backend, &uri).await;
+            Err(e.into())
+        }
     }
-    Ok(())
 }
 
 async fn forget_device_key(backend: &Arc<dyn KeyBackend>, uri: &str) {

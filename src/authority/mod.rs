@@ -125,6 +125,9 @@ pub struct Authority {
     pub(crate) feed: Arc<revocations::Feed>,
     /// One rotation step at a time in this process (`rotation.rs`).
     rotation_lock: tokio::sync::Mutex<()>,
+    /// One key-ring reload at a time, so a ring and the states it was read after stay
+    /// together.
+    reload_lock: tokio::sync::Mutex<()>,
     /// The store's key states when the ring was last loaded.
     key_states: std::sync::Mutex<String>,
 }
@@ -143,14 +146,16 @@ impl Authority {
     ) -> Result<Authority, AuthorityError> {
         let device = keyring::device_of(&backend).await?;
         keyring::adopt_legacy_keys(&store, &backend, &device).await?;
+        // The states before the ring: a change in between makes the next refresh reload.
+        let key_states = std::sync::Mutex::new(store.key_states().await?);
         let ring = KeyRing::load(&store, &backend, &device).await?;
         let (slots, sign_wait) = backend.concurrency();
         let sign_queue = SignQueue::start(slots, sign_wait)?;
         let feed = revocations::Feed::start(store.clone()).await?;
-        let key_states = std::sync::Mutex::new(store.key_states().await?);
         Ok(Authority {
             feed,
             rotation_lock: tokio::sync::Mutex::new(()),
+            reload_lock: tokio::sync::Mutex::new(()),
             key_states,
             api_token_cache: apitokens::Cache::new(store.kind() == crate::store::StoreKind::Sqlite),
             device,

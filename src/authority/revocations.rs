@@ -31,7 +31,8 @@ pub struct RevocationEvent {
     pub seq: i64,
 }
 
-/// How often the feed looks for revocations even when none was announced.
+/// How often the feed looks for revocations even when none was announced (a safety net:
+/// every commit is announced, and a listener that reconnects sends a resync).
 const POLL: Duration = Duration::from_secs(30);
 /// Events a slow subscriber may fall behind before it re-reads from the store.
 const CAPACITY: usize = 1024;
@@ -63,14 +64,20 @@ impl Feed {
 }
 
 async fn run(feed: Weak<Feed>, mut changes: broadcast::Receiver<Change>) {
+    // A fixed beat, not restarted by other announcements, so the safety poll happens.
+    let mut poll = tokio::time::interval(POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         // Waits without holding the feed, so dropping the authority ends this task.
-        match tokio::time::timeout(POLL, changes.recv()).await {
-            // Changes that are not about revocations.
-            Ok(Ok(Change::Keys | Change::ApiTokenDeleted(_))) => continue,
-            Ok(Err(broadcast::error::RecvError::Closed)) => return,
-            // A revocation, a resync, missed announcements, or the poll: look.
-            _ => {}
+        tokio::select! {
+            c = changes.recv() => match c {
+                // Changes that are not about revocations.
+                Ok(Change::Keys | Change::ApiTokenDeleted(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return,
+                // A revocation, a resync, or missed announcements: look.
+                _ => {}
+            },
+            _ = poll.tick() => {}
         }
         let Some(f) = feed.upgrade() else { return };
         let after = f.last.load(Ordering::Acquire);

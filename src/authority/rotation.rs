@@ -48,6 +48,7 @@ impl Authority {
 
     /// Reads the keys from the store and the device again and puts the new ring in force.
     pub async fn reload_keys(&self) -> Result<(), AuthorityError> {
+        let _one = self.reload_lock.lock().await;
         let states = self.store.key_states().await?;
         let ring = KeyRing::load(&self.store, &self.backend, &self.device).await?;
         let changed = ring.active.kid != self.key_ring().active.kid;

@@ -119,16 +119,23 @@ pub async fn init(config: &Config, new_admin_token: bool) -> anyhow::Result<Init
     #[cfg(unix)]
     restrict(&config.data_dir, 0o700)?;
     // One init at a time on a shared database (replicas whose start scripts all run init):
-    // the first creates the key and the admin token, the others find them.
-    let store = Store::open(&config.store_options()?).await?;
-    let mut lease = store.lease("init");
-    let waited = std::time::Instant::now();
-    while !lease.hold().await {
-        if waited.elapsed() > std::time::Duration::from_secs(120) {
-            anyhow::bail!("another keygate init has held the store's init lock for two minutes");
+    // the first creates the key and the admin token, the others find them. A SQLite file
+    // is opened only after the token is ready, so a failed first init leaves no database
+    // behind and the next `serve` on the embedded defaults initialises again.
+    let shared = if config.store_is_sqlite() {
+        None
+    } else {
+        let store = Store::open(&config.store_options()?).await?;
+        let mut lease = store.lease("init");
+        let waited = std::time::Instant::now();
+        while !lease.hold().await {
+            if waited.elapsed() > std::time::Duration::from_secs(120) {
+                anyhow::bail!("another keygate init has held the store's init lock for two minutes");
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
+        Some((store, lease))
+    };
     let pk = config.pkcs11();
     let mut token_created = false;
     if config.is_embedded() {
@@ -140,6 +147,10 @@ pub async fn init(config: &Config, new_admin_token: bool) -> anyhow::Result<Init
         token_created = tokio::task::spawn_blocking(move || init_token(&pk2, &so, &user)).await??;
     }
     let (backend, _) = super::serve::open_backend(config, None).await?;
+    let (store, lease) = match shared {
+        Some(s) => (s.0, Some(s.1)),
+        None => (Store::open(&config.store_options()?).await?, None),
+    };
     let settings = Settings::from_config(config)?;
     let (kid, key_created) = ensure_active_key(&store, &backend, &settings, "cli").await?;
     let authority = Authority::open(store.clone(), backend, settings).await?;

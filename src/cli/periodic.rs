@@ -19,6 +19,10 @@ use crate::authority::Authority;
 use crate::config::Config;
 use crate::store::{Change, Lease};
 
+/// The longest a rotation step may take (key generation included) before its lease is
+/// given up.
+const SCHEDULE_LIMIT: Duration = Duration::from_secs(120);
+
 /// The running tasks; aborted at shutdown.
 pub struct Periodic(Vec<tokio::task::JoinHandle<()>>);
 
@@ -88,23 +92,33 @@ async fn rotation(authority: Arc<Authority>, every: Duration, lease_every: Durat
     let mut backoff = Duration::ZERO;
     loop {
         tick.tick().await;
-        if !leader.check().await {
-            if let Err(e) = authority.refresh_keys().await {
-                tracing::warn!(error = %e, "cannot refresh the signing keys");
-            }
+        // Every replica, leader or not, in backoff or not: keys changed elsewhere (an
+        // announcement may have been missed) are put in force within this interval.
+        if let Err(e) = authority.refresh_keys().await {
+            tracing::warn!(error = %e, "cannot refresh the signing keys");
+        }
+        if !leader.check().await || Instant::now() < next_run {
             continue;
         }
-        if Instant::now() < next_run {
-            continue;
-        }
-        match authority.schedule_tick().await {
-            Ok(()) => {
+        // A device call that hangs (key generation has no timeout of its own) must not stop
+        // rotation everywhere: give the lease up so another replica of the device can try.
+        match tokio::time::timeout(SCHEDULE_LIMIT, authority.schedule_tick()).await {
+            Ok(Ok(())) => {
                 backoff = Duration::ZERO;
                 next_run = Instant::now() + every;
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 backoff = (backoff * 2).clamp(Duration::from_secs(5), Duration::from_secs(300));
                 tracing::warn!(error = %e, retry_in_s = backoff.as_secs(), "key rotation step failed");
+                next_run = Instant::now() + backoff;
+            }
+            Err(_) => {
+                tracing::error!(
+                    limit_s = SCHEDULE_LIMIT.as_secs(),
+                    "a key rotation step hung; giving its lease up"
+                );
+                leader = Leader::new(&authority, "rotation", &name);
+                backoff = Duration::from_secs(300);
                 next_run = Instant::now() + backoff;
             }
         }

@@ -5,7 +5,6 @@
 //! pool or on the writer's connection. Where the two dialects differ, the caller picks the
 //! text by [`Exec::kind`]; nothing is hidden behind a macro that rewrites SQL.
 
-use std::future::Future;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
@@ -15,27 +14,60 @@ use sqlx::{FromRow, Postgres, Sqlite};
 
 use super::StoreKind;
 
-/// How long a query on the PostgreSQL read pool may take, answer included. A server that
-/// stopped answering (a network cut, not a refused connection) must not hold a request for
-/// the operating system's TCP timeout; the writer has its own bound (`postgres.rs`).
+/// How long a query on the PostgreSQL read pool may take, getting a connection and the
+/// answer included. A server that stopped answering (a network cut, not a refused
+/// connection) must not hold a request for the operating system's TCP timeout; the writer
+/// has its own bound (`postgres.rs`).
 pub(crate) const PG_READ_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// `fut`, bounded by [`PG_READ_TIMEOUT`] when `bounded`.
-async fn within<T>(
-    bounded: bool,
-    fut: impl Future<Output = Result<T, sqlx::Error>>,
-) -> Result<T, sqlx::Error> {
-    if !bounded {
-        return fut.await;
-    }
-    tokio::time::timeout(PG_READ_TIMEOUT, fut)
+fn pg_timed_out() -> sqlx::Error {
+    sqlx::Error::Io(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "PostgreSQL did not answer within 3 s",
+    ))
+}
+
+/// A connection of `pool` by `deadline`.
+async fn pg_acquire(
+    pool: &PgPool,
+    deadline: tokio::time::Instant,
+) -> Result<sqlx::pool::PoolConnection<Postgres>, sqlx::Error> {
+    tokio::time::timeout_at(deadline, pool.acquire())
         .await
-        .unwrap_or_else(|_| {
-            Err(sqlx::Error::Io(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "PostgreSQL did not answer within 3 s",
-            )))
-        })
+        .map_err(|_| pg_timed_out())?
+}
+
+/// The outcome of a query bounded by [`PG_READ_TIMEOUT`]. A connection whose query timed
+/// out is taken out of the pool and closed: its state is unknown, and handing it back
+/// would make sqlx test it with a round trip that, on a cut network, hangs until the TCP
+/// timeout while it holds a pool slot.
+fn pg_settle<T>(
+    conn: sqlx::pool::PoolConnection<Postgres>,
+    r: Result<Result<T, sqlx::Error>, tokio::time::error::Elapsed>,
+) -> Result<T, sqlx::Error> {
+    match r {
+        Ok(r) => r,
+        Err(_) => {
+            drop(conn.detach());
+            Err(pg_timed_out())
+        }
+    }
+}
+
+/// Runs `$call` (a method of `Exec` on `$c`, a connection) for a PostgreSQL read-pool
+/// executor, bounded by [`PG_READ_TIMEOUT`]; returns from the enclosing function.
+macro_rules! on_pg_pool {
+    ($exec:expr, |$c:ident| $call:expr) => {
+        if let Exec::PgPool(p) = $exec {
+            let deadline = tokio::time::Instant::now() + PG_READ_TIMEOUT;
+            let mut conn = pg_acquire(p, deadline).await?;
+            let r = {
+                let $c = &mut *conn;
+                tokio::time::timeout_at(deadline, $call).await
+            };
+            return pg_settle(conn, r);
+        }
+    };
 }
 
 /// A bind value: the few types keygate stores.
@@ -148,13 +180,13 @@ impl Exec<'_> {
         sql: &'s str,
         args: &'s [Arg<'s>],
     ) -> BoxFuture<'s, Result<u64, sqlx::Error>> {
-        let bounded = matches!(self, Exec::PgPool(_));
-        Box::pin(within(bounded, async move {
+        Box::pin(async move {
+            on_pg_pool!(self, |c| Exec::Pg(c).execute(sql, args));
             on_exec!(self, |e, Db| Ok(bind_args!(sqlx::query::<Db>(sql), args)
                 .execute(e)
                 .await?
                 .rows_affected()))
-        }))
+        })
     }
 
     /// Runs a statement without parameters through the simple-query protocol: several
@@ -196,12 +228,12 @@ impl Exec<'_> {
         sql: &'s str,
         args: &'s [Arg<'s>],
     ) -> BoxFuture<'s, Result<Vec<T>, sqlx::Error>> {
-        let bounded = matches!(self, Exec::PgPool(_));
-        Box::pin(within(bounded, async move {
+        Box::pin(async move {
+            on_pg_pool!(self, |c| Exec::Pg(c).fetch_all(sql, args));
             on_exec!(self, |e, Db| bind_args!(sqlx::query_as::<Db, T>(sql), args)
                 .fetch_all(e)
                 .await)
-        }))
+        })
     }
 
     pub(crate) fn fetch_optional<'s, T: AnyRow + 's>(
@@ -209,12 +241,12 @@ impl Exec<'_> {
         sql: &'s str,
         args: &'s [Arg<'s>],
     ) -> BoxFuture<'s, Result<Option<T>, sqlx::Error>> {
-        let bounded = matches!(self, Exec::PgPool(_));
-        Box::pin(within(bounded, async move {
+        Box::pin(async move {
+            on_pg_pool!(self, |c| Exec::Pg(c).fetch_optional(sql, args));
             on_exec!(self, |e, Db| bind_args!(sqlx::query_as::<Db, T>(sql), args)
                 .fetch_optional(e)
                 .await)
-        }))
+        })
     }
 
     pub(crate) fn fetch_one<'s, T: AnyRow + 's>(
@@ -222,12 +254,12 @@ impl Exec<'_> {
         sql: &'s str,
         args: &'s [Arg<'s>],
     ) -> BoxFuture<'s, Result<T, sqlx::Error>> {
-        let bounded = matches!(self, Exec::PgPool(_));
-        Box::pin(within(bounded, async move {
+        Box::pin(async move {
+            on_pg_pool!(self, |c| Exec::Pg(c).fetch_one(sql, args));
             on_exec!(self, |e, Db| bind_args!(sqlx::query_as::<Db, T>(sql), args)
                 .fetch_one(e)
                 .await)
-        }))
+        })
     }
 }
 

@@ -164,7 +164,7 @@ impl Store {
             StoreKind::Postgres => {
                 let pg = postgres::connect_options(&opts.url, opts.password.as_ref())?;
                 let pool = postgres::open(&opts.url, &pg, opts.max_connections).await?;
-                tokio::spawn(postgres::listen(pool.clone(), changes.downgrade()));
+                tokio::spawn(postgres::listen(pg.clone(), changes.downgrade()));
                 let w = Box::new(postgres::PgWriter::new(pg.clone()));
                 (
                     Pool::Postgres(pool),

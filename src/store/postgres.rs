@@ -29,6 +29,9 @@ use super::{Change, StoreError};
 
 /// Advisory lock key every write transaction holds (`pg_advisory_xact_lock`).
 pub(super) const WRITE_LOCK: i64 = 0x6b67_5f77_7269_7465; // "kg_write"
+/// Every write transaction: READ COMMITTED whatever the server's default, so each statement
+/// after the lock sees what the previous holder committed.
+const BEGIN: &str = "BEGIN ISOLATION LEVEL READ COMMITTED";
 /// The NOTIFY channel.
 pub(super) const CHANNEL: &str = "keygate_changes";
 /// How long a connection attempt may take.
@@ -101,6 +104,16 @@ pub(super) struct PgWriter {
 
 impl PgWriter {
     pub(super) fn new(opts: PgConnectOptions) -> PgWriter {
+        // The writer holds the write lock of every replica while its transaction is open:
+        // if it is cut off mid-transaction, the server must end that transaction quickly
+        // (a batch never idles between statements) and notice a vanished client.
+        let opts = opts.options([
+            ("idle_in_transaction_session_timeout", "3s"),
+            ("client_connection_check_interval", "1s"),
+            ("tcp_keepalives_idle", "5"),
+            ("tcp_keepalives_interval", "1"),
+            ("tcp_keepalives_count", "3"),
+        ]);
         PgWriter { opts, conn: None }
     }
 
@@ -143,7 +156,7 @@ impl PgWriter {
                 }
             }
         }
-        let begin = format!("BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK})");
+        let begin = format!("{BEGIN}; SELECT pg_advisory_xact_lock({WRITE_LOCK})");
         writer::commit_each(&mut Exec::Pg(conn), jobs, &begin).await
     }
 }
@@ -153,7 +166,7 @@ async fn bulk(conn: &mut PgConnection, jobs: &[Job]) -> Result<Batch, StoreError
     let mut ex = Exec::Pg(conn);
     let rows = ex
         .raw(&format!(
-            "BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK}); SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1"
+            "{BEGIN}; SELECT pg_advisory_xact_lock({WRITE_LOCK}); SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1"
         ))
         .await?;
     // The lock's own row has one column; the head, if there is one, two.
@@ -178,25 +191,37 @@ pub(super) async fn notify(ex: &mut Exec<'_>, change: &Change) -> Result<(), sql
     Ok(())
 }
 
-/// Listens for changes made by any replica and repeats them on `tx`. After every
-/// (re)connection it sends [`Change::Resync`]: notifications sent while it was away are
-/// lost, so listeners re-read what they keep.
-pub(super) async fn listen(pool: PgPool, tx: broadcast::WeakSender<Change>) {
+/// How long the change listener waits for a notification before it checks that its
+/// connection still answers (a network cut would otherwise go unnoticed forever).
+const LISTEN_CHECK: Duration = Duration::from_secs(10);
+
+/// Listens for changes made by any replica and repeats them on `tx`, on a connection of its
+/// own (`opts`). After every (re)connection it sends [`Change::Resync`]: notifications sent
+/// while it was away are lost, so listeners re-read what they keep. Ends when `tx`'s last
+/// sender (the store) is gone.
+pub(super) async fn listen(opts: PgConnectOptions, tx: broadcast::WeakSender<Change>) {
     let mut backoff = Duration::from_millis(100);
     loop {
+        if tx.upgrade().is_none() {
+            return;
+        }
+        // A pool of one per connection: a connection given up on (cut off) may take the
+        // operating system's TCP timeout to be released, and must not block the next one.
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(CONNECT_TIMEOUT)
+            .test_before_acquire(false)
+            .connect_lazy_with(opts.clone());
         let mut listener = match PgListener::connect_with(&pool).await {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot listen for changes; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));
-                if tx.upgrade().is_none() {
-                    return;
-                }
                 continue;
             }
         };
-        listener.ignore_pool_close_event(false);
+        listener.ignore_pool_close_event(true);
         if let Err(e) = listener.listen(CHANNEL).await {
             tracing::warn!(error = %e, "LISTEN failed; retrying");
             tokio::time::sleep(backoff).await;
@@ -207,22 +232,36 @@ pub(super) async fn listen(pool: PgPool, tx: broadcast::WeakSender<Change>) {
         let _ = sender.send(Change::Resync);
         drop(sender);
         loop {
-            match listener.try_recv().await {
-                Ok(Some(n)) => {
+            match tokio::time::timeout(LISTEN_CHECK, listener.try_recv()).await {
+                Ok(Ok(Some(n))) => {
                     let Some(sender) = tx.upgrade() else { return };
                     if let Some(c) = Change::from_payload(n.payload()) {
                         let _ = sender.send(c);
                     }
                 }
-                Ok(None) => {
+                Ok(Ok(None)) => {
                     tracing::warn!("lost the change listener's connection; reconnecting");
                     break;
                 }
-                Err(sqlx::Error::PoolClosed) => return,
-                Err(e) => {
+                Ok(Err(e)) => {
                     tracing::warn!(error = %e, "change listener failed; reconnecting");
                     tokio::time::sleep(backoff).await;
                     break;
+                }
+                // Quiet for a while: is the connection still there?
+                Err(_) => {
+                    if tx.upgrade().is_none() {
+                        return;
+                    }
+                    let alive = tokio::time::timeout(
+                        Duration::from_secs(3),
+                        sqlx::Executor::execute(&mut listener, "SELECT 1"),
+                    )
+                    .await;
+                    if !matches!(alive, Ok(Ok(_))) {
+                        tracing::warn!("the change listener's connection does not answer; reconnecting");
+                        break;
+                    }
                 }
             }
         }

@@ -122,17 +122,15 @@ impl fmt::Display for StoreUrl {
 /// parameter with `***`. Anything else is kept, so the operator still sees which server.
 pub fn redact(url: &str) -> String {
     let mut out = url.to_owned();
+    // The user information ends at the LAST '@': a password may hold '/', '?', '#' or '@'
+    // unencoded. (A URL without one but with an '@' in its query is over-redacted: it is
+    // never under-redacted.)
     if let Some(scheme_end) = out.find("://") {
         let auth_start = scheme_end + 3;
-        let auth_end = out[auth_start..]
-            .find(['/', '?', '#'])
-            .map_or(out.len(), |i| auth_start + i);
-        if let Some(at) = out[auth_start..auth_end].rfind('@') {
-            let userinfo = &out[auth_start..auth_start + at];
-            if let Some(colon) = userinfo.find(':') {
-                let from = auth_start + colon + 1;
-                out.replace_range(from..auth_start + at, "***");
-            }
+        if let Some(at) = out.rfind('@').filter(|&a| a >= auth_start)
+            && let Some(colon) = out[auth_start..at].find(':')
+        {
+            out.replace_range(auth_start + colon + 1..at, "***");
         }
     }
     if let Some(q) = out.find('?') {
@@ -174,8 +172,15 @@ mod tests {
             "postgres://kg@db:5432/keygate?sslmode=verify-full&password=***"
         );
         assert_eq!(redact("postgres://kg@db/keygate"), "postgres://kg@db/keygate");
-        // an @ in the password does not leak its first part
+        // an @, / or ? in the password does not leak any part of it
         assert_eq!(redact("postgres://kg:a@b@db/x"), "postgres://kg:***@db/x");
+        assert_eq!(redact("postgres://kg:ab/cd@db/x"), "postgres://kg:***@db/x");
+        assert_eq!(
+            redact("postgres://kg:a?b#c@db/x?sslmode=require"),
+            "postgres://kg:***@db/x?sslmode=require"
+        );
+        let e = StoreUrl::parse("postgres://kg:ab/cd@db/x").unwrap().to_string();
+        assert!(!e.contains("ab/cd") && !e.contains("cd@"), "{e}");
         let u = StoreUrl::parse("postgresql://kg:s3cret@db/keygate").unwrap();
         assert!(!format!("{u:?} {u}").contains("s3cret"));
         assert!(u.has_password());

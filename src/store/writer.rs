@@ -21,6 +21,10 @@ use crate::audit::{self, AuditRecord};
 /// Most writes committed in one transaction (also bounds statement parameters:
 /// 512 x 20 < SQLite's 32766 and PostgreSQL's 65535).
 pub(super) const MAX_BATCH: usize = 512;
+/// Most writes in one careful-path transaction: each costs a few statements (on PostgreSQL
+/// round trips) under the write lock, so a burst is committed in several short
+/// transactions rather than one that outlives its timeout.
+const MAX_CAREFUL: usize = 64;
 
 /// One change to apply with an audit entry.
 #[derive(Debug, Clone)]
@@ -122,33 +126,53 @@ pub(super) async fn run(
                 }
             }
         }
+        // A caller that stopped waiting (PostgreSQL: `Store::write` answers within a bound)
+        // was told the write failed: it must not happen behind its back now.
+        batch.retain(|j| !j.reply.is_closed());
         let jobs = std::mem::take(&mut batch);
-        metrics::histogram!("keygate_store_batch_writes").record(jobs.len() as f64);
-        let outcome = match &mut conn {
-            Conn::Sqlite(w) => w.commit(&jobs).await,
-            Conn::Postgres(w) => w.commit(&jobs).await,
-        };
-        let results: Vec<Result<Applied, StoreError>> = match outcome {
-            Ok(b) => b.results,
-            Err(e) => {
-                tracing::error!(error = %e, writes = jobs.len(), "store commit failed");
-                jobs.iter()
-                    .map(|_| Err(StoreError::Unavailable(e.to_string())))
-                    .collect()
+        if jobs.iter().all(Job::bulk_ok) {
+            commit(&mut conn, jobs, &changes).await;
+        } else {
+            let mut jobs = jobs;
+            while !jobs.is_empty() {
+                let rest = jobs.split_off(jobs.len().min(MAX_CAREFUL));
+                commit(&mut conn, jobs, &changes).await;
+                jobs = rest;
             }
-        };
-        for (job, res) in jobs.into_iter().zip(results) {
-            let reply = res.map(|(affected, made)| {
-                for c in made {
-                    // Nobody listening is not an error.
-                    let _ = changes.send(c);
-                }
-                affected
-            });
-            let _ = job.reply.send(reply);
         }
     }
     pool.close().await;
+}
+
+/// Commits `jobs` as one batch and answers each caller.
+async fn commit(conn: &mut Conn, jobs: Vec<Job>, changes: &broadcast::Sender<Change>) {
+    if jobs.is_empty() {
+        return;
+    }
+    metrics::histogram!("keygate_store_batch_writes").record(jobs.len() as f64);
+    let outcome = match conn {
+        Conn::Sqlite(w) => w.commit(&jobs).await,
+        Conn::Postgres(w) => w.commit(&jobs).await,
+    };
+    let results: Vec<Result<Applied, StoreError>> = match outcome {
+        Ok(b) => b.results,
+        Err(e) => {
+            tracing::error!(error = %e, writes = jobs.len(), "store commit failed");
+            jobs.iter()
+                .map(|_| Err(StoreError::Unavailable(e.to_string())))
+                .collect()
+        }
+    };
+    for (job, res) in jobs.into_iter().zip(results) {
+        let reply = res.map(|(affected, made)| {
+            for c in made {
+                // Nobody listening is not an error.
+                let _ = changes.send(c);
+            }
+            affected
+        });
+        let _ = job.reply.send(reply);
+    }
 }
 
 /// Chain positions for `jobs` after `head`: (seq, at, prev_hash, hash) each.
