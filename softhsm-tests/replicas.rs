@@ -32,6 +32,12 @@ async fn one_identity_api_tokens_and_keys_are_the_same_on_every_replica() {
     let env = Env::on_postgres("").await;
     let r = Replicas::start(&env, 3, &[]).await;
     let [a, b, c] = [&r[0].base, &r[1].base, &r[2].base];
+    // init and three replicas on a PostgreSQL URL made no SQLite file
+    let files: Vec<_> = std::fs::read_dir(env.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!files.iter().any(|f| f.contains(".db")), "{files:?}");
 
     // One issuer and one JWKS everywhere.
     let first = jwks(a).await;
