@@ -166,22 +166,6 @@ async fn connections_that_go_silent_for_good_are_replaced_and_the_listener_recon
     // on this one (wait out the listener's check, then a little).
     let mut sse = SseClient::connect(&behind, None).await;
     tokio::time::sleep(Duration::from_secs(15).saturating_sub(severed.elapsed())).await;
-    let t = issue(&direct, &env.admin, json!({"subject": "x", "audience": "a"})).await;
-    let jti = t["jti"].as_str().unwrap();
-    assert_eq!(
-        crate::common::revoke(&direct, &env.admin, jti, None)
-            .await
-            .status(),
-        200
-    );
-    loop {
-        let ev = sse
-            .next(Duration::from_secs(5))
-            .await
-            .expect("the revocation reached the replica");
-        if ev.data["jti"] == jti {
-            break;
-        }
-    }
+    crate::stream::revocation_arrives(&mut sse, &direct, &env.admin).await;
     drop(r);
 }

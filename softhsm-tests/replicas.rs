@@ -326,33 +326,21 @@ async fn the_store_speaks_tls_to_postgresql_and_refuses_a_server_it_cannot_verif
     let d = certs.path();
     let ossl = |args: &[&str]| crate::common::openssl(d, args);
     // a throwaway CA, a server certificate for 127.0.0.1 signed by it, and a stranger CA
+    let p256 = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
     for ca in ["ca", "other-ca"] {
-        ossl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &format!("{ca}.key"),
-            "-out",
-            &format!("{ca}.pem"),
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN=keygate test {ca}"),
-        ]);
+        let (key, pem, subj) = (
+            format!("{ca}.key"),
+            format!("{ca}.pem"),
+            format!("/CN=keygate test {ca}"),
+        );
+        let mut args = vec!["req", "-x509"];
+        args.extend(p256);
+        args.extend(["-keyout", &key, "-out", &pem, "-days", "2", "-subj", &subj]);
+        ossl(&args);
     }
-    ossl(&[
-        "req",
-        "-new",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
+    let mut args = vec!["req", "-new"];
+    args.extend(p256);
+    args.extend([
         "-keyout",
         "server.key",
         "-out",
@@ -360,6 +348,7 @@ async fn the_store_speaks_tls_to_postgresql_and_refuses_a_server_it_cannot_verif
         "-subj",
         "/CN=127.0.0.1",
     ]);
+    ossl(&args);
     std::fs::write(d.join("san.ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\n").unwrap();
     ossl(&[
         "x509",

@@ -75,6 +75,23 @@ impl SseClient {
     }
 }
 
+/// Issues a token on `base`, revokes it there, and waits (5 s per event at most) until
+/// `sse`, connected beforehand, delivers its event.
+pub async fn revocation_arrives(sse: &mut SseClient, base: &str, admin: &str) {
+    let t = issue(base, admin, json!({"subject": "revoked-later", "audience": "a"})).await;
+    let jti = t["jti"].as_str().unwrap();
+    assert_eq!(crate::common::revoke(base, admin, jti, None).await.status(), 200);
+    loop {
+        let ev = sse
+            .next(Duration::from_secs(5))
+            .await
+            .expect("the revocation event");
+        if ev.data["jti"] == jti {
+            return;
+        }
+    }
+}
+
 async fn revoke(base: &str, api: &str, jti: &str) {
     assert_eq!(crate::common::revoke(base, api, jti, None).await.status(), 200);
 }
