@@ -6,7 +6,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::load::{Issuance, drive, issue_request, warm_up};
+use super::load::{Issuance, Requests, drive, issue_request, warm_up};
 use crate::config::Config;
 
 /// What one measurement gave.
@@ -98,7 +98,7 @@ pub(super) async fn server_cpu(
     let request = issue_request(addr, api_secret);
     warm_up(addr, &request, 201).await?;
     let before = process_cpu(pid)?;
-    let issued = drive(addr, request, 201, clients, secs).await?;
+    let issued = drive(addr, Requests::Same(request), 201, clients, secs).await?;
     let used = process_cpu(pid)? - before;
     drop(server);
     Ok(ServerCpu {

@@ -7,18 +7,12 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
-use super::load::LoadConn;
+use super::load::{Requests, drive};
 use crate::authority::{IssueRequest, Principal, Scope};
 use crate::config::Config;
 
-/// Redemption figures of one run.
-#[derive(Clone, Copy, Debug)]
-pub struct Redemption {
-    pub rate: f64,
-    pub p50_ms: f64,
-    pub p99_ms: f64,
-    pub errors: u64,
-}
+/// Redemption figures of one run (the same shape as issuance's).
+pub type Redemption = super::load::Issuance;
 
 /// Revocation-to-event latency figures.
 #[derive(Clone, Debug)]
@@ -98,7 +92,7 @@ pub async fn redemption(
     let service = crate::cli::build_service(config).await?;
     let pool = one_time_tokens(&service, tokens, 64).await?;
     let (addr, stop) = serve(&service).await?;
-    let requests: Vec<Vec<u8>> = pool
+    let requests: Vec<Arc<[u8]>> = pool
         .iter()
         .map(|t| {
             let body = format!(r#"{{"token":"{t}"}}"#);
@@ -107,50 +101,12 @@ pub async fn redemption(
                 body.len()
             )
             .into_bytes()
+            .into()
         })
         .collect();
-    let queue = Arc::new(Mutex::new(requests));
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..clients {
-        let queue = queue.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut h = Histogram::<u64>::new(3).map_err(|e| anyhow::anyhow!("{e}"))?;
-            let mut errors = 0u64;
-            let mut conn = LoadConn::connect(addr).await?;
-            while Instant::now() < deadline {
-                let Some(req) = queue.lock().ok().and_then(|mut q| q.pop()) else {
-                    break;
-                };
-                let t = Instant::now();
-                match conn.round_trip(&req).await {
-                    Ok(200) => h.record(t.elapsed().as_micros() as u64)?,
-                    Ok(_) => errors += 1,
-                    Err(_) => {
-                        errors += 1;
-                        conn = LoadConn::connect(addr).await?;
-                    }
-                }
-            }
-            anyhow::Ok((h, errors, Instant::now()))
-        }));
-    }
-    let mut all = Histogram::<u64>::new(3).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let (mut errors, mut last) = (0, started);
-    for t in tasks {
-        let (h, e, done) = t.await??;
-        all.add(&h)?;
-        errors += e;
-        last = last.max(done);
-    }
+    let result = drive(addr, Requests::Each(Mutex::new(requests)), 200, clients, secs).await;
     let _ = stop.send(());
-    Ok(Redemption {
-        rate: all.len() as f64 / (last - started).as_secs_f64(),
-        p50_ms: all.value_at_quantile(0.5) as f64 / 1000.0,
-        p99_ms: all.value_at_quantile(0.99) as f64 / 1000.0,
-        errors,
-    })
+    result
 }
 
 /// Revokes `n` tokens one after another over HTTP while one SSE client listens; each sample

@@ -104,25 +104,43 @@ pub(super) async fn warm_up(addr: std::net::SocketAddr, request: &[u8], expect: 
     Ok(())
 }
 
-/// Sends `request` from `clients` keep-alive connections for `secs` seconds; the latencies
-/// of answers with status `expect`.
+/// What the load generator sends: one request again and again, or each of a set once.
+pub(super) enum Requests {
+    Same(Arc<[u8]>),
+    Each(std::sync::Mutex<Vec<Arc<[u8]>>>),
+}
+
+impl Requests {
+    fn next(&self) -> Option<Arc<[u8]>> {
+        match self {
+            Requests::Same(r) => Some(r.clone()),
+            Requests::Each(q) => q.lock().ok()?.pop(),
+        }
+    }
+}
+
+/// Sends `requests` from `clients` keep-alive connections for at most `secs` seconds (or
+/// until a set of requests runs out); the latencies of answers with status `expect`, and
+/// the rate over the time until the last client finished.
 pub(super) async fn drive(
     addr: std::net::SocketAddr,
-    request: Arc<[u8]>,
+    requests: Requests,
     expect: u16,
     clients: usize,
     secs: u64,
 ) -> anyhow::Result<Issuance> {
+    let requests = Arc::new(requests);
     let deadline = Instant::now() + Duration::from_secs(secs);
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..clients {
-        let request = request.clone();
+        let requests = requests.clone();
         tasks.push(tokio::spawn(async move {
             let mut h = Histogram::<u64>::new(3).map_err(|e| anyhow::anyhow!("{e}"))?;
             let mut errors = 0u64;
             let mut conn = LoadConn::connect(addr).await?;
             while Instant::now() < deadline {
+                let Some(request) = requests.next() else { break };
                 let t = Instant::now();
                 match conn.round_trip(&request).await {
                     Ok(s) if s == expect => h.record(t.elapsed().as_micros() as u64)?,
@@ -133,19 +151,19 @@ pub(super) async fn drive(
                     }
                 }
             }
-            anyhow::Ok((h, errors))
+            anyhow::Ok((h, errors, Instant::now()))
         }));
     }
     let mut all = Histogram::<u64>::new(3).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut errors = 0;
+    let (mut errors, mut last) = (0, started);
     for t in tasks {
-        let (h, e) = t.await??;
+        let (h, e, done) = t.await??;
         all.add(&h)?;
         errors += e;
+        last = last.max(done);
     }
-    let elapsed = started.elapsed().as_secs_f64();
     Ok(Issuance {
-        rate: all.len() as f64 / elapsed,
+        rate: all.len() as f64 / (last - started).as_secs_f64(),
         p50_ms: all.value_at_quantile(0.5) as f64 / 1000.0,
         p99_ms: all.value_at_quantile(0.99) as f64 / 1000.0,
         errors,
@@ -180,7 +198,7 @@ pub(super) async fn issuance(
     let (addr, stop_tx) = super::lifecycle::serve(&service).await?;
     let request = issue_request(addr, api.secret.as_str());
     let result = match warm_up(addr, &request, 201).await {
-        Ok(()) => drive(addr, request, 201, clients, secs).await,
+        Ok(()) => drive(addr, Requests::Same(request), 201, clients, secs).await,
         Err(e) => Err(e),
     };
     let _ = stop_tx.send(());
