@@ -98,7 +98,7 @@ async fn rotation_by_hand_emergency_retirement_and_destroy(env: Env) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while state_of(&keys(&base, &env.admin).await, &old) != "retired" {
         assert!(Instant::now() < deadline, "the old key never retired");
-        svc.authority.rotation_tick().await.unwrap();
+        svc.authority.schedule_tick().await.unwrap();
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     assert_eq!(

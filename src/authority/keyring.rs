@@ -26,8 +26,6 @@ pub struct ActiveKey {
 
 /// Published keys plus the active one, and a verifier over them.
 pub struct KeyRing {
-    /// This replica's device (`pkcs11`, `tpm:<id>`): the active key is the one it holds.
-    pub device: String,
     pub active: ActiveKey,
     pub published: Vec<PublishedKey>,
     pub jwks: JwkSet,
@@ -87,7 +85,6 @@ impl KeyRing {
         let verifier = Verifier::new(&jwks, VerifierConfig::new("", ""))
             .map_err(|e| AuthorityError::Internal(e.to_string()))?;
         Ok(KeyRing {
-            device: device.to_owned(),
             active,
             published,
             jwks,

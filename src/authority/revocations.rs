@@ -4,8 +4,8 @@
 //! One feed task per process reads new revocations from the store and broadcasts them in
 //! `seq` order. It is woken by the store's change announcements ([`Change::Revoked`]): from
 //! this process's writer at once, and from every other replica through PostgreSQL
-//! LISTEN/NOTIFY, so no replica waits for a poll. It also looks once a second, in case an
-//! announcement was lost. `seq` is assigned in commit order on both databases, so reading
+//! LISTEN/NOTIFY, so no replica waits for a poll. It also looks every 30 s, a safety net
+//! for an announcement that was lost. `seq` is assigned in commit order on both databases, so reading
 //! "everything after the last seq seen" never skips one. A subscriber subscribes first and
 //! reads its backlog from the store second, so nothing committed can fall between the two;
 //! duplicates are dropped by `seq`.

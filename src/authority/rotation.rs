@@ -13,7 +13,7 @@
 //! its keys; each TPM replica has its own. A replica rotates the keys of its own device.
 //!
 //! - [`Authority::schedule_tick`] runs on one replica per device at a time (the holder of
-//!   the device's lease, `cli/serve.rs`): promote, retire, create the next key.
+//!   the device's lease, `cli/periodic.rs`): promote, retire, create the next key.
 //! - [`Authority::refresh_keys`] runs on every replica every check interval and whenever the
 //!   store announces a key change: a change made elsewhere (another replica, the CLI) puts
 //!   the new ring in force here.
@@ -230,12 +230,6 @@ impl Authority {
         drop(serial);
         self.refresh_keys().await?;
         Ok(())
-    }
-
-    /// What a process that leads its device runs each interval: the schedule, then the
-    /// refresh (the schedule includes it).
-    pub async fn rotation_tick(&self) -> Result<(), AuthorityError> {
-        self.schedule_tick().await
     }
 
     /// Retires `k` when its expected retirement has come and no token it signed can still

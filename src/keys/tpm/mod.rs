@@ -88,6 +88,8 @@ pub struct TpmBackend {
     simulator: bool,
     auth: Option<secrecy::SecretString>,
     ctx: Mutex<Option<Context>>,
+    /// The device id, once asked (a CreatePrimary each time otherwise).
+    device_id: std::sync::OnceLock<String>,
 }
 
 impl std::fmt::Debug for TpmBackend {
@@ -123,6 +125,7 @@ impl TpmBackend {
             tcti,
             auth,
             ctx: Mutex::new(None),
+            device_id: std::sync::OnceLock::new(),
         };
         backend.with_context(|_| Ok(()))?;
         Ok(backend)
@@ -183,7 +186,11 @@ impl KeyBackend for TpmBackend {
     }
 
     fn device_id(&self) -> Result<String, KeyError> {
-        self.identity()
+        if let Some(id) = self.device_id.get() {
+            return Ok(id.clone());
+        }
+        let id = self.identity()?;
+        Ok(self.device_id.get_or_init(|| id).clone())
     }
 
     fn create_key(&self, label: &str) -> Result<KeyInfo, KeyError> {
