@@ -311,3 +311,24 @@ async fn no_secret_appears_in_the_logs() {
     }
     let _ = softhsm_conf();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_serve_on_one_sqlite_file_refuses_and_writes_nothing() {
+    let env = Env::new().await;
+    let log = env.dir.path().join("serve.log");
+    let _server = Server::start(&env, &log, &[]).await;
+    let before = env.counts().await;
+    let out = env
+        .keygate()
+        .env("KEYGATE_LISTEN", format!("127.0.0.1:{}", free_port()))
+        .arg("serve")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_one_line(
+        out.status.success(),
+        &err,
+        "another keygate serve uses this SQLite database",
+    );
+    assert_eq!(env.counts().await, before, "the refused serve wrote to the store");
+}

@@ -133,8 +133,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     if config.is_embedded() && config.store.url.is_none() && !config.data_dir.join("keygate.db").exists() {
         super::init(&config, false).await?.report();
     }
+    let _single = crate::store::StoreUrl::parse(&config.store_url())?.lock_single_server()?;
     let service = build_service(&config).await?;
-    let _single = service.authority.store().lock_single_server()?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;

@@ -252,35 +252,6 @@ impl Store {
         })
     }
 
-    /// On SQLite, makes sure no other `keygate serve` uses this file (an exclusive lock on
-    /// `<file>.serve.lock`, held while the returned guard lives): the API-token cache and
-    /// the revocation feed of one process would not see another's writes at once. Several
-    /// replicas run on PostgreSQL. A no-op there.
-    pub fn lock_single_server(&self) -> Result<Option<std::fs::File>, StoreError> {
-        let Some(path) = self.url.sqlite_path() else {
-            return Ok(None);
-        };
-        let lock_path = format!("{path}.serve.lock");
-        let open_err = |reason: String| StoreError::Open {
-            url: self.url.redacted(),
-            reason,
-        };
-        let mut o = std::fs::OpenOptions::new();
-        o.create(true).truncate(false).write(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
-        let f = o
-            .open(&lock_path)
-            .map_err(|e| open_err(format!("cannot open {lock_path}: {e}")))?;
-        match f.try_lock() {
-            Ok(()) => Ok(Some(f)),
-            Err(std::fs::TryLockError::WouldBlock) => Err(open_err(
-                "another keygate serve uses this SQLite database; run several replicas on PostgreSQL (docs/adr/0011-replicas-on-postgresql.md)".into(),
-            )),
-            Err(std::fs::TryLockError::Error(e)) => Err(open_err(format!("cannot lock {lock_path}: {e}"))),
-        }
-    }
-
     pub async fn api_token_by_hash(&self, hash: &[u8]) -> Result<Option<ApiTokenRow>, StoreError> {
         Ok(self
             .read()

@@ -100,6 +100,36 @@ impl StoreUrl {
         }
     }
 
+    /// On SQLite, makes sure no other `keygate serve` uses this file (an exclusive lock on
+    /// `<file>.serve.lock`, held while the returned guard lives): the API-token cache and
+    /// the revocation feed of one process would not see another's writes at once. Several
+    /// replicas run on PostgreSQL. A no-op there. Taken before the store is opened, so a
+    /// second `serve` writes nothing before it refuses.
+    pub fn lock_single_server(&self) -> Result<Option<std::fs::File>, StoreError> {
+        let Some(path) = self.sqlite_path() else {
+            return Ok(None);
+        };
+        let lock_path = format!("{path}.serve.lock");
+        let open_err = |reason: String| StoreError::Open {
+            url: self.redacted(),
+            reason,
+        };
+        let mut o = std::fs::OpenOptions::new();
+        o.create(true).truncate(false).write(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+        let f = o
+            .open(&lock_path)
+            .map_err(|e| open_err(format!("cannot open {lock_path}: {e}")))?;
+        match f.try_lock() {
+            Ok(()) => Ok(Some(f)),
+            Err(std::fs::TryLockError::WouldBlock) => Err(open_err(
+                "another keygate serve uses this SQLite database; run several replicas on PostgreSQL (docs/adr/0011-replicas-on-postgresql.md)".into(),
+            )),
+            Err(std::fs::TryLockError::Error(e)) => Err(open_err(format!("cannot lock {lock_path}: {e}"))),
+        }
+    }
+
     /// True when the URL itself carries a password.
     pub fn has_password(&self) -> bool {
         redact(&self.text) != self.text
