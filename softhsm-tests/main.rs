@@ -12,6 +12,7 @@ mod badinput;
 mod cli;
 mod enroll;
 mod faults;
+mod hostile;
 mod hsm;
 mod http;
 mod network;

@@ -1,12 +1,10 @@
 //! The `keygate` binary: parse the command line, load the configuration, run.
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
 use keygate::cli::{Cli, Command};
 use keygate::config::Config;
-use tracing_subscriber::EnvFilter;
 
 /// mimalloc: the request path allocates a lot (HTTP, JSON, SQL); glibc malloc was about
 /// 10% of server CPU under load (docs/benchmarks.md).
@@ -21,16 +19,7 @@ fn init_tracing(command: &Command) {
         Command::Bench(b) if b.enroll_tcti.is_some() => "warn,tss_esapi=off",
         _ => "warn",
     };
-    let filter = EnvFilter::try_from_env("KEYGATE_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    if std::env::var("KEYGATE_LOG_FORMAT").is_ok_and(|f| f == "json") {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
+    keygate::cli::logging::init(default);
 }
 
 fn main() -> ExitCode {

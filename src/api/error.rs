@@ -173,13 +173,12 @@ impl From<AuthorityError> for ApiError {
                     ApiError::Internal
                 }
             }
+            // A conflict or an unknown id is the client's doing, not a fault of the store.
+            AuthorityError::Store(StoreError::Conflict(d)) => ApiError::Conflict(d),
+            AuthorityError::Store(StoreError::NotFound(d)) => ApiError::NotFound(format!("{d} not found")),
             AuthorityError::Store(e) => {
                 tracing::error!(error = %e, "store failed");
-                match e {
-                    StoreError::Conflict(d) => ApiError::Conflict(d),
-                    StoreError::NotFound(d) => ApiError::NotFound(format!("{d} not found")),
-                    _ => ApiError::Unavailable("store"),
-                }
+                ApiError::Unavailable("store")
             }
             AuthorityError::Internal(d) => {
                 tracing::error!(error = %d, "internal error");

@@ -28,7 +28,14 @@ async fn body_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, Ap
     })
 }
 
-fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+/// A JSON request body: an object (serde would also fill a struct from an array, field by
+/// field, so `["x",["admin"]]` could pass for `{"name":"x","scopes":["admin"]}`), matching
+/// `T`.
+pub(super) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        return Err(ApiError::BadRequest("the JSON body must be an object".into()));
+    }
     serde_json::from_slice(bytes).map_err(|e| {
         // serde_json's message names the field and position, never echoes values.
         ApiError::BadRequest(format!("malformed JSON body: {e}"))

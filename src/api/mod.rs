@@ -143,7 +143,9 @@ pub fn router(state: AppState) -> Router {
                         .and_then(|r| r.header_value().to_str().ok())
                         .unwrap_or("-")
                         .to_owned();
-                    tracing::info_span!("request", method = %req.method(), route = route.as_deref().unwrap_or("unmatched"), request_id = %id, status = tracing::field::Empty)
+                    // The path is logged as sent (percent-encoded, so one line); the log writer
+                    // cuts any API-token secret pasted into it (cli::logging).
+                    tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), route = route.as_deref().unwrap_or("unmatched"), request_id = %id, status = tracing::field::Empty)
                 })
                 .on_request(())
                 .on_response(|res: &Response, latency: Duration, span: &Span| {

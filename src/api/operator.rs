@@ -267,9 +267,7 @@ pub async fn revoke(
                 "send Content-Type: application/json".into(),
             ));
         }
-        serde_json::from_slice::<RevokeRequest>(&body)
-            .map_err(|e| ApiError::BadRequest(format!("malformed JSON body: {e}")))?
-            .reason
+        super::extract::parse_json::<RevokeRequest>(&body)?.reason
     };
     let at = st.authority.revoke(&who, &jti, reason, &remote).await?;
     Ok(Json(RevokeResponse {

@@ -12,7 +12,7 @@ mod rotation;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
 
-pub use apitokens::{NewApiToken, Principal, Scope};
+pub use apitokens::{NewApiToken, PREFIX as API_TOKEN_PREFIX, Principal, Scope};
 pub use enroll::{Challenge, ChallengeRequest, CompleteRequest, EK_URN_PREFIX, EnrollSettings, Enrolled};
 pub use issue::{Introspection, IssueRequest, Issued};
 pub use keyring::{ActiveKey, KeyRing, PublishedKey, ensure_active_key};

@@ -7,6 +7,7 @@ mod client;
 mod enroll;
 mod enroll_tpm;
 mod init;
+pub mod logging;
 mod periodic;
 mod serve;
 mod verify;

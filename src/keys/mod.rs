@@ -44,6 +44,8 @@ pub enum KeyError {
     KeyNotFound(String),
     #[error("the device returned an unusable public key: {0}")]
     BadPublicKey(String),
+    #[error("the device returned an unusable signature: {0}")]
+    BadSignature(String),
     #[error("key backend busy: no session free within {0} ms")]
     Busy(u64),
     #[error("TPM {what} failed: {reason}")]

@@ -36,12 +36,18 @@ impl HardwareSigner {
         }
     }
 
-    /// Signs `msg` (hashed with SHA-256 here) and returns raw `r || s`.
+    /// Signs `msg` (hashed with SHA-256 here) and returns raw `r || s` with `s` in its low
+    /// form (`s <= n/2`): a device may return either of the two valid signatures, and
+    /// keygate's verifiers accept only the low one, so a token has exactly one valid
+    /// signature (no malleability: see `token::verify`).
     pub fn sign_raw(&self, msg: &[u8]) -> Result<[u8; 64], KeyError> {
         let d = digest::digest(&digest::SHA256, msg);
         let mut buf = [0u8; 32];
         buf.copy_from_slice(d.as_ref());
-        self.backend.sign_digest(&self.uri, &buf)
+        let raw = self.backend.sign_digest(&self.uri, &buf)?;
+        let sig =
+            Signature::from_slice(&raw).map_err(|_| KeyError::BadSignature("r or s out of range".into()))?;
+        Ok(sig.normalize_s().to_bytes().into())
     }
 }
 

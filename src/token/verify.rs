@@ -131,8 +131,7 @@ impl Verifier {
             .keys
             .get(kid)
             .ok_or_else(|| VerifyError::UnknownKid(kid.into()))?;
-        key.verify_sig(msg, signature)
-            .map_err(|_| VerifyError::BadSignature)
+        check_signature(key, msg, signature)
     }
 
     /// Checks the header and the ES256 signature of any keygate JWS of type `typ`, then
@@ -144,8 +143,7 @@ impl Verifier {
     ) -> Result<T, VerifyError> {
         let parts = jws::parse(token).map_err(|e| VerifyError::Malformed(e.to_string()))?;
         let key = self.check_header(&parts.header, typ)?;
-        key.verify_sig(parts.signing_input.as_bytes(), &parts.signature)
-            .map_err(|_| VerifyError::BadSignature)?;
+        check_signature(key, parts.signing_input.as_bytes(), &parts.signature)?;
         serde_json::from_slice(&parts.payload).map_err(|e| VerifyError::Malformed(format!("claims: {e}")))
     }
 
@@ -167,6 +165,23 @@ impl Verifier {
             .get(kid)
             .ok_or_else(|| VerifyError::UnknownKid(kid.into()))
     }
+}
+
+/// (n - 1) / 2 for P-256, big-endian: the largest `s` of a low-S signature.
+const P256_HALF_ORDER: [u8; 32] = [
+    0x7f, 0xff, 0xff, 0xff, 0x80, 0x00, 0x00, 0x00, 0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xde,
+    0x73, 0x7d, 0x56, 0xd3, 0x8b, 0xcf, 0x42, 0x79, 0xdc, 0xe5, 0x61, 0x7e, 0x31, 0x92, 0xa8,
+];
+
+/// An ES256 signature (raw `r || s`) by `key` over `msg`, in its low-S form. For every
+/// valid signature `(r, s)`, `(r, n - s)` is valid too; keygate signs only with `s <= n/2`,
+/// so refusing the other form gives each token exactly one valid encoding and an attacker
+/// cannot make a second, different-looking token from a real one.
+fn check_signature(key: &ParsedPublicKey, msg: &[u8], sig: &[u8]) -> Result<(), VerifyError> {
+    if sig.len() != 64 || sig[32..] > P256_HALF_ORDER[..] {
+        return Err(VerifyError::BadSignature);
+    }
+    key.verify_sig(msg, sig).map_err(|_| VerifyError::BadSignature)
 }
 
 /// Checks `iss`, `aud` and the time claims. `leeway` is in seconds (0 for the issuer's
@@ -244,7 +259,52 @@ mod tests {
     fn sign_with(k: &SigningKey, header: &Header, c: &Claims) -> String {
         let input = jws::signing_input(header, &serde_json::to_vec(c).unwrap()).unwrap();
         let sig: Signature = k.sign(input.as_bytes());
-        jws::assemble(&input, &sig.to_bytes())
+        jws::assemble(&input, &sig.normalize_s().to_bytes())
+    }
+
+    /// `t` with its signature's `s` replaced by `n - s`: the other valid signature.
+    fn flip_s(t: &str) -> String {
+        let (input, sig) = t.rsplit_once('.').unwrap();
+        let sig = Signature::from_slice(&b64::decode(sig).unwrap()).unwrap();
+        let (r, s) = sig.split_scalars();
+        let flipped = Signature::from_scalars(r, -*s).unwrap();
+        format!("{input}.{}", b64::encode(flipped.to_bytes()))
+    }
+
+    #[test]
+    fn only_the_low_s_signature_verifies() {
+        let (v, t, _) = setup();
+        let high = flip_s(&t);
+        assert_ne!(high, t);
+        assert!(matches!(
+            v.verify_at(&high, NOW + 1),
+            Err(VerifyError::BadSignature)
+        ));
+        // the high form is a valid ECDSA signature: only the low-S rule refuses it
+        let (input, sig) = high.rsplit_once('.').unwrap();
+        let key = v.keys.values().next().unwrap();
+        key.verify_sig(input.as_bytes(), &b64::decode(sig).unwrap())
+            .unwrap();
+        // flipped back, it verifies again
+        assert_eq!(v.verify_at(&flip_s(&high), NOW + 1).unwrap(), claims());
+    }
+
+    #[test]
+    fn the_low_s_bound_is_half_the_order() {
+        use p256::elliptic_curve::scalar::IsHigh;
+        // n is odd: (n - 1) / 2 is low, (n + 1) / 2 = n - (n - 1) / 2 is high
+        let half = p256::NonZeroScalar::try_from(&P256_HALF_ORDER[..]).unwrap();
+        let other = -*half;
+        assert!(bool::from(!half.is_high()));
+        assert!(bool::from(other.is_high()));
+        assert_eq!(
+            other.to_bytes().as_slice()[..],
+            {
+                let mut b = P256_HALF_ORDER;
+                b[31] += 1;
+                b
+            }[..]
+        );
     }
 
     fn setup() -> (Verifier, String, SigningKey) {

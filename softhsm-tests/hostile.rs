@@ -1,0 +1,191 @@
+//! What a hostile client can try without (or with) a credential: bodies that are not JSON
+//! objects, malleated signatures, log injection through paths.
+
+use axum::body::Body;
+use axum::http::{Request, header};
+use keygate::token::b64;
+use p256::ecdsa::Signature;
+use serde_json::json;
+use tower::ServiceExt;
+
+use crate::common::{Env, Server, get_authed, introspect, issue};
+use crate::redeem::redeem;
+
+/// Every JSON body that is not an object is a 400 problem and changes nothing, where serde
+/// alone would have read an array as the struct's fields in order.
+async fn json_bodies_that_are_not_objects_are_refused(env: Env) {
+    let svc = env.service().await;
+    let before = env.counts().await;
+    let keys_before = key_count(&env).await;
+    let cases: &[(&str, &str)] = &[
+        ("/v1/keys/rotate", "[true]"),
+        ("/v1/api-tokens", r#"["x",["admin"]]"#),
+        ("/v1/tokens", r#"["s","a"]"#),
+        ("/v1/tokens", r#"  ["s","a"]"#),
+        ("/v1/tokens", r#""s""#),
+        ("/v1/tokens", "null"),
+        ("/v1/tokens", "1"),
+        ("/v1/tokens/introspect", r#"["x"]"#),
+        ("/v1/tokens/redeem", r#"["x"]"#),
+        ("/v1/tokens/some-jti/revoke", r#"["because"]"#),
+        ("/v1/enroll/challenge", r#"["a","b"]"#),
+        ("/v1/enroll/complete", r#"["a","b"]"#),
+        ("/v1/enroll/machines", r#"["0000","x"]"#),
+    ];
+    for (path, body) in cases {
+        let req = Request::post(*path)
+            .header(header::AUTHORIZATION, format!("Bearer {}", env.admin))
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(*body))
+            .unwrap();
+        let res = svc.router.clone().oneshot(req).await.unwrap();
+        assert_eq!(res.status(), 400, "{path} {body}");
+        assert_eq!(
+            res.headers()[header::CONTENT_TYPE],
+            "application/problem+json",
+            "{path} {body}"
+        );
+    }
+    assert_eq!(env.counts().await, before, "a non-object body wrote to the store");
+    assert_eq!(key_count(&env).await, keys_before, "[true] rotated a key");
+}
+
+async fn key_count(env: &Env) -> usize {
+    let db = env.db().await;
+    let n = db.strings("SELECT kid FROM signing_keys", &[]).await.len();
+    db.close().await;
+    n
+}
+
+on_both_backends!(json_bodies_that_are_not_objects_are_refused);
+
+/// `token` with its signature's `s` replaced by `n - s`, the other valid ECDSA signature of
+/// the same message; `None` when the token's `s` is not low.
+fn high_s(token: &str) -> Option<String> {
+    let (input, sig) = token.rsplit_once('.').unwrap();
+    let sig = Signature::from_slice(&b64::decode(sig).unwrap()).unwrap();
+    if sig.normalize_s() != sig {
+        return None;
+    }
+    let (r, s) = sig.split_scalars();
+    let flipped = Signature::from_scalars(r, -*s).unwrap();
+    Some(format!("{input}.{}", b64::encode(flipped.to_bytes())))
+}
+
+/// Every signature keygate makes is low-S (whatever the device returned), and a token whose
+/// `s` was replaced by `n - s` is refused by introspection, redemption and the verifier.
+async fn tokens_are_low_s_and_high_s_twins_are_refused(env: Env) {
+    let (base, _svc) = env.serve().await;
+    let jwks = crate::common::jwks(&base).await;
+    let verifier = keygate::token::Verifier::new(
+        &jwks,
+        keygate::token::VerifierConfig::new(env.config.issuer(), "fleet"),
+    )
+    .unwrap();
+    // a device returns a high s about half the time: 40 tokens all low is not luck
+    let mut tokens = Vec::new();
+    for i in 0..40 {
+        let t = issue(
+            &base,
+            &env.admin,
+            json!({"subject": format!("node-{i}"), "audience": "fleet", "one_time": true}),
+        )
+        .await;
+        let token = t["token"].as_str().unwrap().to_owned();
+        let twin = high_s(&token).unwrap_or_else(|| panic!("token {i} was signed with a high s"));
+        tokens.push((token, twin));
+    }
+    for (token, twin) in &tokens[..3] {
+        verifier.verify(token).unwrap();
+        assert!(verifier.verify(twin).is_err(), "the verifier took a high-S twin");
+        assert_eq!(introspect(&base, &env.admin, twin).await["active"], false);
+        assert_eq!(introspect(&base, &env.admin, token).await["active"], true);
+        let (status, _) = redeem(&base, json!({"token": twin}), None).await;
+        assert_eq!(status, 401, "redemption took a high-S twin");
+        let (status, _) = redeem(&base, json!({"token": token}), None).await;
+        assert_eq!(status, 200, "the refused twin consumed the real token");
+    }
+    // the signed revocation list and the JWKS-published keys agree too
+    let res = get_authed(&base, "/v1/revocations", &env.admin).await;
+    let list = res.text().await.unwrap();
+    assert!(
+        high_s(&list).is_some(),
+        "the revocation list was signed with a high s"
+    );
+}
+
+on_both_backends!(tokens_are_low_s_and_high_s_twins_are_refused);
+
+/// Paths and ids reach the log escaped (no forged line), an API-token secret pasted where an
+/// id belongs never appears, and a 404 for an unknown id is not an ERROR.
+#[tokio::test(flavor = "multi_thread")]
+async fn paths_are_logged_escaped_and_secrets_never() {
+    let env = Env::new().await;
+    let log = env.dir.path().join("serve.log");
+    let server = Server::start(&env, &log, &[("KEYGATE_LOG", "info")]).await;
+    let base = env.base_url();
+    let http = reqwest::Client::new();
+    let forged = "2026-01-01T00:00:00Z  INFO keygate: FORGED";
+    let injected = "x%0A2026-01-01T00:00:00Z%20%20INFO%20keygate:%20FORGED";
+    let res = http
+        .delete(format!("{base}/v1/api-tokens/{injected}"))
+        .bearer_auth(&env.admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 404);
+    let res = http
+        .post(format!(
+            "{base}/v1/tokens/y%0D%0A2026-01-01T00:00:00Z%20%20INFO%20keygate:%20FORGED/revoke"
+        ))
+        .bearer_auth(&env.admin)
+        .send()
+        .await
+        .unwrap();
+    assert!(res.status().is_client_error());
+    // a secret pasted as an id, in the path and as a bearer token of the wrong shape
+    let secret = env.admin.clone();
+    let res = http
+        .delete(format!("{base}/v1/api-tokens/{secret}"))
+        .bearer_auth(&env.admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 404);
+    let res = http
+        .post(format!("{base}/v1/tokens/{secret}/revoke"))
+        .bearer_auth(&env.admin)
+        .send()
+        .await
+        .unwrap();
+    assert!(res.status().is_client_error());
+    let res = http
+        .get(format!("{base}/v1/nothing-here/{secret}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 404);
+    server.stop();
+    let text = std::fs::read_to_string(&log).unwrap();
+    for line in text.lines() {
+        assert!(!line.starts_with(forged), "a forged log line: {line}");
+        assert!(!line.starts_with("2026-01-01"), "a forged log line: {line}");
+        assert!(
+            !line.contains(&secret),
+            "the API-token secret reached the log: {line}"
+        );
+        assert!(
+            !line.contains(&secret[3..]),
+            "the API-token secret reached the log: {line}"
+        );
+        if line.contains("404") {
+            assert!(!line.contains("ERROR"), "a 404 logged as an error: {line}");
+        }
+    }
+    // the requests were logged, escaped
+    assert!(
+        text.contains("FORGED"),
+        "the injected request was not logged at all"
+    );
+    assert!(text.contains("kg_…") || text.contains("kg_[redacted]"), "{text}");
+}
