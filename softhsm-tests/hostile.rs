@@ -189,3 +189,77 @@ async fn paths_are_logged_escaped_and_secrets_never() {
     );
     assert!(text.contains("kg_…") || text.contains("kg_[redacted]"), "{text}");
 }
+
+async fn newest(env: &Env, sql: &str) -> i64 {
+    let db = env.db().await;
+    let n = db.int(sql, &[]).await;
+    db.close().await;
+    n
+}
+
+/// Checkpoints are signed every second while the chain grows, and at start: after SIGKILL
+/// under load, cutting off the end of the log from an entry a few seconds old is found by
+/// `keygate audit verify` (with checkpoints every 300 s and at graceful stops only, it was
+/// not).
+#[tokio::test(flavor = "multi_thread")]
+async fn cutting_the_log_after_a_crash_is_found() {
+    let env = Env::new().await;
+    let log = env.dir.path().join("serve.log");
+    let mut server = Server::start(&env, &log, &[]).await;
+    let base = env.base_url();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (base, admin, stop) = (base.clone(), env.admin.clone(), stop.clone());
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = http
+                    .post(format!("{base}/v1/tokens"))
+                    .bearer_auth(&admin)
+                    .json(&json!({"subject": "n", "audience": "a"}))
+                    .send()
+                    .await;
+            }
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let cut_from = newest(&env, "SELECT MAX(seq) FROM audit_log").await;
+    tokio::time::sleep(std::time::Duration::from_millis(3000)).await;
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    load.await.unwrap();
+    let head = newest(&env, "SELECT MAX(seq) FROM audit_log").await;
+    let signed = newest(&env, "SELECT MAX(seq) FROM audit_checkpoints").await;
+    assert!(
+        signed >= cut_from,
+        "no checkpoint in the 3 s of load before the crash"
+    );
+    // a restart signs what the crash left unsigned before anything else
+    let server = Server::start(&env, &log, &[]).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while newest(&env, "SELECT MAX(seq) FROM audit_checkpoints").await < head {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the restart signed no checkpoint"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    drop(server); // SIGKILL again: no shutdown checkpoint
+    let db = env.db().await;
+    let removed = db
+        .exec(&format!("DELETE FROM audit_log WHERE seq >= {cut_from}"), &[])
+        .await;
+    db.close().await;
+    assert!(removed > 10, "only {removed} entries were cut");
+    let out = env.keygate().args(["audit", "verify"]).output().unwrap();
+    assert!(
+        !out.status.success(),
+        "audit verify missed {removed} entries cut off the end"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("entries were removed"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

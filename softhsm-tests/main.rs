@@ -10,6 +10,7 @@ mod audit;
 mod auth;
 mod badinput;
 mod cli;
+mod connections;
 mod enroll;
 mod faults;
 mod hostile;

@@ -76,7 +76,6 @@ macro_rules! on_both_stores {
     };
 }
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -283,14 +282,13 @@ impl Env {
         let svc = self.service().await;
         let listener = tokio::net::TcpListener::bind(self.config.listen).await.unwrap();
         let router = svc.router.clone();
-        tokio::spawn(async move {
-            axum::serve(
-                listener,
-                router.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .await
-            .unwrap();
-        });
+        let limits = keygate::api::server::Limits::from_config(&self.config.http);
+        tokio::spawn(keygate::api::server::serve(
+            listener,
+            router,
+            limits,
+            std::future::pending(),
+        ));
         (self.base_url(), svc)
     }
 
@@ -388,12 +386,17 @@ impl Server {
     /// Like [`Server::start`], for a server that listens at `base` (`KEYGATE_LISTEN` in
     /// `extra_env`).
     pub async fn start_at(env: &Env, log: &Path, extra_env: &[(&str, &str)], base: &str) -> Server {
+        Server::spawn(env.keygate(), log, extra_env, base).await
+    }
+
+    /// Runs `cmd serve` (a `keygate` command, or a wrapper ending in the binary) with stderr
+    /// to `log`, and waits until `base`/readyz answers 200.
+    pub async fn spawn(mut cmd: Command, log: &Path, extra_env: &[(&str, &str)], base: &str) -> Server {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
             .unwrap();
-        let mut cmd = env.keygate();
         cmd.arg("serve").stdout(Stdio::null()).stderr(file);
         for (k, v) in extra_env {
             cmd.env(k, v);

@@ -36,6 +36,8 @@ pub enum ApiError {
     Conflict(String),
     PayloadTooLarge,
     UnsupportedMediaType(String),
+    /// The request was not read and answered within `http.request_timeout_seconds`.
+    RequestTimeout,
     /// A component (key backend, store) cannot serve now; the string names it.
     Unavailable(&'static str),
     Internal,
@@ -90,6 +92,12 @@ impl ApiError {
                 "Unsupported media type",
                 d.clone(),
             ),
+            RequestTimeout => (
+                StatusCode::REQUEST_TIMEOUT,
+                "request-timeout",
+                "Request timeout",
+                "the request was not completed in time; the connection is closed".into(),
+            ),
             Unavailable(what) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
@@ -130,6 +138,10 @@ impl IntoResponse for ApiError {
         );
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         match &self {
+            // RFC 9110 §15.5.9: the server closes the connection after a 408.
+            ApiError::RequestTimeout => {
+                h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
             ApiError::Unauthorized(d) => {
                 let v = if d.starts_with("missing") {
                     "Bearer realm=\"keygate\"".to_owned()

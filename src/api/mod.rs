@@ -9,6 +9,7 @@ mod lifecycle;
 mod openapi;
 mod operator;
 mod public;
+pub mod server;
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -84,6 +85,11 @@ pub fn metrics_handle() -> PrometheusHandle {
             metrics::describe_histogram!(
                 "keygate_store_batch_writes",
                 "Writes committed together in one store transaction (group commit)"
+            );
+            metrics::describe_gauge!("keygate_http_connections", "HTTP connections open now");
+            metrics::describe_counter!(
+                "keygate_http_connections_refused_total",
+                "Connections closed at once because http.max_connections were open"
             );
             metrics::describe_gauge!(
                 "keygate_leader",

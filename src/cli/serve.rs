@@ -1,6 +1,5 @@
 //! `keygate serve`: open the backend, store and authority, and serve HTTP.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -147,11 +146,14 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     );
     let periodic = super::periodic::start(service.authority.clone(), &config);
     let authority = service.authority.clone();
-    let served = axum::serve(
-        listener,
-        service.router.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
+    let limits = crate::api::server::Limits::from_config(&config.http);
+    tracing::info!(
+        max_connections = limits.max_connections,
+        header_read_timeout_s = limits.header_read_timeout.as_secs(),
+        request_timeout_s = limits.request_timeout.as_secs(),
+        "connection limits"
+    );
+    crate::api::server::serve(listener, service.router, limits, async move {
         shutdown_signal().await;
         // Open event streams would hold the graceful shutdown forever.
         authority.close_streams();
@@ -161,6 +163,5 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     if let Err(e) = service.authority.checkpoint_audit().await {
         tracing::error!(error = %e, "cannot sign the audit checkpoint at shutdown");
     }
-    served.context("server failed")?;
     Ok(())
 }

@@ -81,6 +81,8 @@ pub struct Config {
     #[serde(default)]
     pub tpm: Option<TpmConfig>,
     #[serde(default)]
+    pub http: HttpConfig,
+    #[serde(default)]
     pub store: StoreConfig,
     #[serde(default)]
     pub tokens: TokenPolicy,
@@ -189,6 +191,11 @@ impl Config {
 
     /// Refuses conflicting or nonsensical settings.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.http.header_read_timeout_seconds == 0 || self.http.request_timeout_seconds == 0 {
+            return Err(ConfigError::Invalid(
+                "http timeouts must be at least 1 second".into(),
+            ));
+        }
         let t = &self.tokens;
         if t.max_ttl_seconds == 0 || t.default_ttl_seconds == 0 {
             return Err(ConfigError::Invalid("tokens TTLs must be positive".into()));

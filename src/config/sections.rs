@@ -19,6 +19,44 @@ pub enum EnrollMode {
     Allowlist,
 }
 
+/// The HTTP listener: how long a connection may take and how many may be open.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// A connection must deliver a request's complete headers within this many seconds of
+    /// being ready for it (a new connection, or a kept-alive one after its last answer);
+    /// else it is closed. Ends idle, slowloris and forgotten keep-alive connections.
+    #[serde(default = "default_header_read_timeout")]
+    pub header_read_timeout_seconds: u64,
+    /// A request (its body included) must be answered within this many seconds, else 408.
+    /// Event streams are not cut: the limit ends when their headers are sent.
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout_seconds: u64,
+    /// Connections open at once at most; past it, new connections are closed at once. 0:
+    /// from the open-file limit (raised to its hard limit at start) less a reserve for the
+    /// store, the device and the log.
+    #[serde(default)]
+    pub max_connections: usize,
+}
+
+fn default_header_read_timeout() -> u64 {
+    10
+}
+
+fn default_request_timeout() -> u64 {
+    30
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            header_read_timeout_seconds: default_header_read_timeout(),
+            request_timeout_seconds: default_request_timeout(),
+            max_connections: 0,
+        }
+    }
+}
+
 /// Attestation-gated enrollment (API.md; docs/api-notes.md).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -107,13 +145,15 @@ fn default_rotation_check_ms() -> u64 {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditConfig {
-    /// Sign a checkpoint of the audit chain this often when it has grown (and at shutdown).
+    /// Sign a checkpoint of the audit chain this often when it has grown (and at start and
+    /// shutdown): removing entries older than this is found by `keygate audit verify`, even
+    /// after a crash.
     #[serde(default = "default_checkpoint_every")]
     pub checkpoint_every_seconds: u64,
 }
 
 fn default_checkpoint_every() -> u64 {
-    300
+    1
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -384,6 +384,20 @@ impl Store {
             .await?)
     }
 
+    /// Deletes the checkpoints signed before `before` (Unix seconds) but the newest of each
+    /// hour. The newest checkpoint alone covers the whole chain (each entry hashes the one
+    /// before it); the hourly ones keep a trail that does not depend on one signature.
+    pub async fn thin_checkpoints(&self, before: i64) -> Result<u64, StoreError> {
+        Ok(self
+            .read()
+            .execute(
+                "DELETE FROM audit_checkpoints WHERE at < $1 AND seq NOT IN
+                 (SELECT MAX(seq) FROM audit_checkpoints GROUP BY at / 3600)",
+                &[Arg::Int(before)],
+            )
+            .await?)
+    }
+
     /// Records a signed checkpoint (idempotent for the same seq).
     pub async fn add_checkpoint(&self, c: &crate::audit::Checkpoint) -> Result<(), StoreError> {
         self.read()

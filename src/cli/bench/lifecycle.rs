@@ -39,17 +39,11 @@ pub(super) async fn serve(
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let router = service.router.clone();
     let authority = service.authority.clone();
-    tokio::spawn(async move {
-        axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move {
-            let _ = stop_rx.await;
-            authority.close_streams();
-        })
-        .await
-    });
+    let limits = crate::api::server::Limits::from_config(&crate::config::HttpConfig::default());
+    tokio::spawn(crate::api::server::serve(listener, router, limits, async move {
+        let _ = stop_rx.await;
+        authority.close_streams();
+    }));
     Ok((addr, stop_tx))
 }
 
