@@ -180,8 +180,13 @@ async fn embedded_defaults_initialise_and_serve() {
     let data = dir.path().join("data");
     let port = free_port();
     let log = dir.path().join("serve.log");
-    let child = Command::new(env!("CARGO_BIN_EXE_keygate"))
-        .arg("serve")
+    // umask 0: keygate's files must be private whatever the umask it is started with
+    let child = Command::new("sh")
+        .args([
+            "-c",
+            "umask 0 && exec \"$0\" serve",
+            env!("CARGO_BIN_EXE_keygate"),
+        ])
         .current_dir(dir.path())
         .env_remove("KEYGATE_CONFIG")
         .env("KEYGATE_DATA_DIR", &data)
@@ -210,22 +215,27 @@ async fn embedded_defaults_initialise_and_serve() {
     let logs = std::fs::read_to_string(&log).unwrap();
     assert!(ready, "embedded serve never became ready: {logs}");
     assert!(stdout.starts_with("KEYGATE_ADMIN_TOKEN=kg_"), "{stdout}");
-    for f in ["softhsm2.conf", "user.pin", "so.pin", "keygate.db"] {
+    for f in ["softhsm2.conf", "user.pin", "keygate.db"] {
         assert!(data.join(f).exists(), "{f} missing");
     }
-    use std::os::unix::fs::PermissionsExt;
-    assert_eq!(
-        std::fs::metadata(data.join("user.pin"))
-            .unwrap()
-            .permissions()
-            .mode()
-            & 0o777,
-        0o600
-    );
-    assert_eq!(
-        std::fs::metadata(&data).unwrap().permissions().mode() & 0o777,
-        0o700
-    );
+    // the SO PIN served its purpose (initialising the token) and is not kept
+    assert!(!data.join("so.pin").exists(), "the SO PIN was left on disk");
+    // every file 0600 and every folder 0700, the database's WAL and the token's files too
+    let mut seen = 0;
+    let mut todo = vec![data.clone()];
+    while let Some(p) = todo.pop() {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::symlink_metadata(&p).unwrap();
+        let mode = meta.permissions().mode() & 0o777;
+        if meta.is_dir() {
+            assert_eq!(mode, 0o700, "{}", p.display());
+            todo.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+        } else {
+            assert_eq!(mode, 0o600, "{}", p.display());
+        }
+        seen += 1;
+    }
+    assert!(seen >= 8, "only {seen} entries in the data folder");
     assert!(
         logs.contains("SoftHSM2, a software simulator"),
         "startup warns about the simulator"

@@ -53,6 +53,39 @@ impl InitOutcome {
     }
 }
 
+/// Makes everything keygate creates from now on private to its user (umask 077: files 0600,
+/// folders 0700, the database's WAL and the SoftHSM2 token files included), and brings
+/// what is already in the data folder to those modes. Run by `init` and `serve`.
+pub fn private_files(data_dir: &Path) {
+    #[cfg(unix)]
+    {
+        // SAFETY: umask only sets the process's file mode creation mask; it cannot fail.
+        unsafe { libc::umask(0o077) };
+        let mut todo = vec![data_dir.to_path_buf()];
+        while let Some(p) = todo.pop() {
+            let Ok(meta) = std::fs::symlink_metadata(&p) else {
+                continue;
+            };
+            let mode = if meta.is_dir() {
+                if let Ok(rd) = std::fs::read_dir(&p) {
+                    todo.extend(rd.filter_map(|e| e.ok().map(|e| e.path())));
+                }
+                0o700
+            } else if meta.is_file() {
+                0o600
+            } else {
+                continue;
+            };
+            use std::os::unix::fs::PermissionsExt;
+            if meta.permissions().mode() & 0o777 != mode
+                && let Err(e) = restrict(&p, mode)
+            {
+                tracing::warn!(path = %p.display(), error = %e, "cannot make this file private");
+            }
+        }
+    }
+}
+
 #[cfg(unix)]
 fn restrict(path: &Path, mode: u32) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
@@ -114,10 +147,21 @@ pub fn write_softhsm_conf(config: &Config) -> anyhow::Result<()> {
 /// Creates whatever is missing; keeps what exists. A second run keeps the key and refuses to
 /// mint a new admin token unless `new_admin_token`.
 pub async fn init(config: &Config, new_admin_token: bool) -> anyhow::Result<InitOutcome> {
+    init_with(config, new_admin_token, false).await
+}
+
+/// [`init`]; with `keep_so_pin`, the embedded token's SO PIN is kept in `so.pin` (0600).
+/// Otherwise it exists only in memory while the token is initialised: nothing of keygate
+/// needs it afterwards, and a PIN on disk next to the token would let whoever reads the
+/// folder re-initialise the token or reset the user PIN.
+pub async fn init_with(
+    config: &Config,
+    new_admin_token: bool,
+    keep_so_pin: bool,
+) -> anyhow::Result<InitOutcome> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data folder {}", config.data_dir.display()))?;
-    #[cfg(unix)]
-    restrict(&config.data_dir, 0o700)?;
+    private_files(&config.data_dir);
     // One init at a time on a shared database (replicas whose start scripts all run init):
     // the first creates the key and the admin token, the others find them. A SQLite file
     // is opened only after the token is ready, so a failed first init leaves no database
@@ -140,11 +184,20 @@ pub async fn init(config: &Config, new_admin_token: bool) -> anyhow::Result<Init
     let mut token_created = false;
     if config.is_embedded() {
         write_softhsm_conf(config)?;
-        let so = pin_file(&config.data_dir.join("so.pin"))?;
+        let so_file = config.data_dir.join("so.pin");
+        let so = if keep_so_pin || so_file.exists() {
+            pin_file(&so_file)?
+        } else {
+            random_pin()?
+        };
         let user = pin_file(&config.data_dir.join("user.pin"))?;
         let (so, user) = (AuthPin::from(so.to_string()), AuthPin::from(user.to_string()));
         let pk2 = pk.clone();
         token_created = tokio::task::spawn_blocking(move || init_token(&pk2, &so, &user)).await??;
+        if !keep_so_pin && so_file.exists() {
+            // Left by an earlier keygate: the token is initialised, the PIN goes.
+            std::fs::remove_file(&so_file).with_context(|| format!("cannot remove {}", so_file.display()))?;
+        }
     }
     let (backend, _) = super::serve::open_backend(config, None).await?;
     let (store, lease) = match shared {

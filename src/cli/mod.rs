@@ -40,6 +40,10 @@ pub enum Command {
         /// Mint a new admin token even if one exists.
         #[arg(long)]
         new_admin_token: bool,
+        /// Embedded SoftHSM2 token: keep its SO PIN in `<data_dir>/so.pin` (0600). By
+        /// default it is used once to initialise the token and never written.
+        #[arg(long)]
+        keep_so_pin: bool,
     },
     /// Run the HTTP service.
     Serve,
@@ -118,8 +122,11 @@ pub enum KeysCommand {
 /// Runs a parsed command line.
 pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
     match cli.command {
-        Command::Init { new_admin_token } => {
-            let out = init(&config, new_admin_token).await?;
+        Command::Init {
+            new_admin_token,
+            keep_so_pin,
+        } => {
+            let out = init::init_with(&config, new_admin_token, keep_so_pin).await?;
             out.report();
             Ok(())
         }

@@ -132,6 +132,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     if config.is_embedded() && config.store.url.is_none() && !config.data_dir.join("keygate.db").exists() {
         super::init(&config, false).await?.report();
     }
+    super::init::private_files(&config.data_dir);
     let _single = crate::store::StoreUrl::parse(&config.store_url())?.lock_single_server()?;
     let service = build_service(&config).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
