@@ -263,3 +263,40 @@ async fn cutting_the_log_after_a_crash_is_found() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A redemption refused for a 5.5 KB `kid`, and junk bearer tokens, need no credential:
+/// what each makes the store write is cut to a few hundred bytes (the kid was copied into
+/// the audit outcome whole: 2,000 such requests added 11.8 MB).
+#[tokio::test(flavor = "multi_thread")]
+async fn refusals_without_a_credential_write_little() {
+    let env = Env::new().await;
+    let (base, _svc) = env.serve().await;
+    let sql = "SELECT COALESCE(SUM(LENGTH(actor) + LENGTH(target) + LENGTH(outcome)), 0) FROM audit_log";
+    let before = newest(&env, sql).await;
+    let kid = "k".repeat(5500);
+    let header = b64::encode(
+        serde_json::to_vec(&json!({"alg": "ES256", "typ": "provisioning+jwt", "kid": kid})).unwrap(),
+    );
+    let token = format!("{header}.{}.{}", b64::encode(b"{}"), b64::encode([7u8; 64]));
+    let http = reqwest::Client::new();
+    for i in 0..100 {
+        let (status, p) = redeem(&base, json!({"token": token}), None).await;
+        assert_eq!(status, 401);
+        assert!(p.to_string().len() < 1024, "the problem echoes the kid: {p}");
+        let junk = format!("kg_{i:0>43}");
+        let r = http
+            .get(format!("{base}/v1/keys"))
+            .bearer_auth(if i % 2 == 0 { junk } else { "x".repeat(4000) })
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+        let www = r.headers()["www-authenticate"].to_str().unwrap().to_owned();
+        assert!(www.len() < 256, "{www}");
+    }
+    let grown = newest(&env, sql).await - before;
+    assert!(
+        grown < 200 * 300,
+        "200 refused requests added {grown} bytes to the audit log"
+    );
+}

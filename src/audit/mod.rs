@@ -25,13 +25,31 @@ pub struct AuditRecord {
     pub remote_addr: String,
 }
 
+/// Longest actor, target or outcome recorded, in bytes. They can carry what a client sent
+/// (a subject, an id, a refused token's `kid` in the reason), and a refusal needs no
+/// credential: without a cap, each junk request could add kilobytes to the log.
+pub const MAX_FIELD: usize = 256;
+
+/// `s`, or its first bytes (on a character boundary) and how long it was.
+fn capped(s: &str) -> String {
+    if s.len() <= MAX_FIELD {
+        return s.to_owned();
+    }
+    let mut end = MAX_FIELD - 24;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…({} bytes)", &s[..end], s.len())
+}
+
 impl AuditRecord {
+    /// A record; actor, target and outcome are cut to [`MAX_FIELD`] bytes.
     pub fn new(actor: &str, action: &str, target: &str, outcome: &str, remote_addr: &str) -> Self {
         AuditRecord {
-            actor: actor.into(),
+            actor: capped(actor),
             action: action.into(),
-            target: target.into(),
-            outcome: outcome.into(),
+            target: capped(target),
+            outcome: capped(outcome),
             remote_addr: remote_addr.into(),
         }
     }
@@ -143,6 +161,20 @@ pub fn first_broken(entries: &[AuditEntry], prev: Option<(i64, &str)>) -> Option
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_fields_are_cut_on_a_character_boundary() {
+        let long = "é".repeat(3000);
+        let r = AuditRecord::new(&long, "a", &long, &format!("denied: {long}"), "127.0.0.1");
+        for f in [&r.actor, &r.target, &r.outcome] {
+            assert!(f.len() <= MAX_FIELD, "{}", f.len());
+            assert!(
+                f.ends_with("…(6000 bytes)") || f.ends_with("…(6008 bytes)"),
+                "{f}"
+            );
+        }
+        assert_eq!(AuditRecord::new("a", "b", "c", "d", "e").target, "c");
+    }
 
     fn chain(n: i64) -> Vec<AuditEntry> {
         let mut prev = GENESIS.to_owned();

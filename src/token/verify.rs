@@ -130,7 +130,7 @@ impl Verifier {
         let key = self
             .keys
             .get(kid)
-            .ok_or_else(|| VerifyError::UnknownKid(kid.into()))?;
+            .ok_or_else(|| VerifyError::UnknownKid(shown(kid)))?;
         check_signature(key, msg, signature)
     }
 
@@ -163,7 +163,16 @@ impl Verifier {
         let kid = h.kid.as_deref().ok_or(VerifyError::MissingKid)?;
         self.keys
             .get(kid)
-            .ok_or_else(|| VerifyError::UnknownKid(kid.into()))
+            .ok_or_else(|| VerifyError::UnknownKid(shown(kid)))
+    }
+}
+
+/// A value from a refused token as an error may show it: at most 64 characters. Errors
+/// reach problem documents, headers, logs and the audit log, and the token is anyone's.
+fn shown(v: &str) -> String {
+    match v.char_indices().nth(64) {
+        Some((i, _)) => format!("{}…", &v[..i]),
+        None => v.to_owned(),
     }
 }
 
