@@ -88,6 +88,10 @@ pub fn metrics_handle() -> PrometheusHandle {
             );
             metrics::describe_gauge!("keygate_http_connections", "HTTP connections open now");
             metrics::describe_counter!(
+                "keygate_backend_shed_total",
+                "Signatures refused at once (503) because the device queue could not serve them within the wait"
+            );
+            metrics::describe_counter!(
                 "keygate_http_connections_refused_total",
                 "Connections closed at once because http.max_connections were open"
             );
