@@ -23,4 +23,5 @@ mod replicas;
 mod revocation;
 mod rotation;
 mod stream;
+mod tls;
 mod tpm;

@@ -324,49 +324,11 @@ async fn inits_started_together_on_a_fresh_database_make_one_key_and_one_admin_t
 async fn the_store_speaks_tls_to_postgresql_and_refuses_a_server_it_cannot_verify() {
     let certs = tempfile::tempdir().unwrap();
     let d = certs.path();
-    let ossl = |args: &[&str]| crate::common::openssl(d, args);
     // a throwaway CA, a server certificate for 127.0.0.1 signed by it, and a stranger CA
-    let p256 = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
-    for ca in ["ca", "other-ca"] {
-        let (key, pem, subj) = (
-            format!("{ca}.key"),
-            format!("{ca}.pem"),
-            format!("/CN=keygate test {ca}"),
-        );
-        let mut args = vec!["req", "-x509"];
-        args.extend(p256);
-        args.extend(["-keyout", &key, "-out", &pem, "-days", "2", "-subj", &subj]);
-        ossl(&args);
-    }
-    let mut args = vec!["req", "-new"];
-    args.extend(p256);
-    args.extend([
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=127.0.0.1",
-    ]);
-    ossl(&args);
-    std::fs::write(d.join("san.ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\n").unwrap();
-    ossl(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.crt",
-        "-days",
-        "2",
-        "-extfile",
-        "san.ext",
-    ]);
+    use crate::common::certs;
+    certs::ca(d, "ca");
+    certs::ca(d, "other-ca");
+    certs::issue(d, "ca", "server", "127.0.0.1", certs::SERVER_EXT);
     let cluster = crate::common::pg::PgCluster::start_tls(&d.join("server.crt"), &d.join("server.key"));
     let plain = crate::common::pg::create_database_on(&cluster.admin_url()).await;
     let url = format!(

@@ -1,6 +1,7 @@
 //! Test harness: a process-wide SoftHSM2 configuration, a fresh token per test, keygate
 //! initialised on it, and helpers to serve it in-process or run the real binary.
 
+pub mod certs;
 pub mod cut;
 pub mod db;
 pub mod pg;
@@ -287,6 +288,7 @@ impl Env {
             listener,
             router,
             limits,
+            None,
             std::future::pending(),
         ));
         (self.base_url(), svc)
@@ -391,7 +393,19 @@ impl Server {
 
     /// Runs `cmd serve` (a `keygate` command, or a wrapper ending in the binary) with stderr
     /// to `log`, and waits until `base`/readyz answers 200.
-    pub async fn spawn(mut cmd: Command, log: &Path, extra_env: &[(&str, &str)], base: &str) -> Server {
+    pub async fn spawn(cmd: Command, log: &Path, extra_env: &[(&str, &str)], base: &str) -> Server {
+        Server::spawn_with(cmd, log, extra_env, base, &reqwest::Client::new()).await
+    }
+
+    /// Like [`Server::spawn`], asking for readiness with `client` (one that trusts the
+    /// server's TLS certificate, say).
+    pub async fn spawn_with(
+        mut cmd: Command,
+        log: &Path,
+        extra_env: &[(&str, &str)],
+        base: &str,
+        client: &reqwest::Client,
+    ) -> Server {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -406,7 +420,7 @@ impl Server {
         let url = format!("{base}/readyz");
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(r) = reqwest::get(&url).await
+            if let Ok(r) = client.get(&url).send().await
                 && r.status() == 200
             {
                 return server;

@@ -10,6 +10,7 @@ mod openapi;
 mod operator;
 mod public;
 pub mod server;
+pub mod tls;
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -87,6 +88,10 @@ pub fn metrics_handle() -> PrometheusHandle {
                 "Writes committed together in one store transaction (group commit)"
             );
             metrics::describe_gauge!("keygate_http_connections", "HTTP connections open now");
+            metrics::describe_counter!(
+                "keygate_tls_handshakes_failed_total",
+                "TLS handshakes that failed or did not finish within the header-read timeout"
+            );
             metrics::describe_counter!(
                 "keygate_backend_shed_total",
                 "Signatures refused at once (503) because the device queue could not serve them within the wait"

@@ -26,6 +26,7 @@ use tokio::sync::Semaphore;
 use tower::ServiceExt;
 
 use super::ApiError;
+use super::tls::Tls;
 use crate::config::HttpConfig;
 
 /// Descriptors kept out of the connection limit when it is derived from the open-file
@@ -81,12 +82,14 @@ fn connections_for(nofile: u64) -> usize {
     usize::try_from(n).unwrap_or(usize::MAX).max(1)
 }
 
-/// Serves `router` on `listener` until `shutdown` completes, then drains open connections
-/// for at most the request timeout.
+/// Serves `router` on `listener` (over TLS when `tls` is given; the handshake must finish
+/// within the header-read timeout) until `shutdown` completes, then drains open
+/// connections for at most the request timeout.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: Limits,
+    tls: Option<Arc<Tls>>,
     shutdown: impl Future<Output = ()> + Send,
 ) {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
@@ -134,11 +137,28 @@ pub async fn serve(
                 })
             }
         });
-        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        let (http, watcher) = (http.clone(), graceful.watcher());
+        let acceptor = tls.as_ref().map(|t| t.acceptor());
+        let handshake = limits.header_read_timeout;
         tokio::spawn(async move {
             metrics::gauge!("keygate_http_connections").increment(1.0);
-            // Errors here are the client's: a timeout, a reset, a malformed request.
-            let _ = conn.await;
+            // Errors here are the client's: a timeout, a reset, a malformed request, a
+            // failed handshake.
+            match acceptor {
+                None => {
+                    let _ = watcher
+                        .watch(http.serve_connection(TokioIo::new(stream), service))
+                        .await;
+                }
+                Some(acceptor) => match tokio::time::timeout(handshake, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = watcher
+                            .watch(http.serve_connection(TokioIo::new(tls), service))
+                            .await;
+                    }
+                    _ => metrics::counter!("keygate_tls_handshakes_failed_total").increment(1),
+                },
+            }
             metrics::gauge!("keygate_http_connections").decrement(1.0);
             drop(permit);
         });

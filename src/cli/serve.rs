@@ -134,6 +134,19 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     }
     super::init::private_files(&config.data_dir);
     let _single = crate::store::StoreUrl::parse(&config.store_url())?.lock_single_server()?;
+    // TLS files first: a bad certificate stops the start before the device is opened.
+    let tls = match &config.tls {
+        Some(files) => Some(crate::api::tls::Tls::load(files).map_err(|e| anyhow::anyhow!(e))?),
+        None => {
+            if !config.listen.ip().is_loopback() {
+                tracing::warn!(
+                    listen = %config.listen,
+                    "LISTENING WITHOUT TLS on a non-loopback address: API tokens and provisioning tokens cross the network in clear; set [tls] (KEYGATE_TLS_CERT, KEYGATE_TLS_KEY) or keep keygate behind a TLS proxy"
+                );
+            }
+            None
+        }
+    };
     let service = build_service(&config).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -143,24 +156,29 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         issuer = %config.issuer(),
         store = %service.authority.store().url(),
         device = %service.authority.device(),
+        tls = tls.as_ref().map(|t| if t.mutual() { "mutual" } else { "on" }).unwrap_or("off"),
         "keygate listening"
     );
     let periodic = super::periodic::start(service.authority.clone(), &config);
     let authority = service.authority.clone();
     let limits = crate::api::server::Limits::from_config(&config.http);
+    let reload = tls.clone().map(|t| t.watch());
     tracing::info!(
         max_connections = limits.max_connections,
         header_read_timeout_s = limits.header_read_timeout.as_secs(),
         request_timeout_s = limits.request_timeout.as_secs(),
         "connection limits"
     );
-    crate::api::server::serve(listener, service.router, limits, async move {
+    crate::api::server::serve(listener, service.router, limits, tls, async move {
         shutdown_signal().await;
         // Open event streams would hold the graceful shutdown forever.
         authority.close_streams();
     })
     .await;
     periodic.abort();
+    if let Some(r) = reload {
+        r.abort();
+    }
     if let Err(e) = service.authority.checkpoint_audit().await {
         tracing::error!(error = %e, "cannot sign the audit checkpoint at shutdown");
     }

@@ -17,7 +17,7 @@ use crate::keys::tpm::TpmConfig;
 pub use sections::*;
 
 /// Every environment variable that overrides the file, and what it overrides.
-pub const ENV_OVERRIDES: [(&str, &str); 10] = [
+pub const ENV_OVERRIDES: [(&str, &str); 13] = [
     ("KEYGATE_DATA_DIR", "data_dir"),
     ("KEYGATE_LISTEN", "listen"),
     ("KEYGATE_PUBLIC_URL", "public_base_url"),
@@ -27,6 +27,9 @@ pub const ENV_OVERRIDES: [(&str, &str); 10] = [
     ("KEYGATE_TPM_TCTI", "[tpm] tcti"),
     ("KEYGATE_ENROLL_MODE", "[enroll] mode"),
     ("KEYGATE_ENROLL_CA_DIR", "[enroll] ca_dir"),
+    ("KEYGATE_TLS_CERT", "[tls] cert_file"),
+    ("KEYGATE_TLS_KEY", "[tls] key_file"),
+    ("KEYGATE_TLS_CLIENT_CA", "[tls] client_ca_file"),
     ("KEYGATE_CONFIG", "(names the file itself)"),
 ];
 
@@ -82,6 +85,9 @@ pub struct Config {
     pub tpm: Option<TpmConfig>,
     #[serde(default)]
     pub http: HttpConfig,
+    /// Native TLS; absent: plain HTTP (on loopback, or behind a TLS proxy).
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
     #[serde(default)]
     pub store: StoreConfig,
     #[serde(default)]
@@ -174,6 +180,7 @@ impl Config {
                 }
             }
         }
+        cfg.apply_tls_env()?;
         if let Ok(listen) = std::env::var("KEYGATE_LISTEN") {
             cfg.listen = listen.parse().map_err(|_| ConfigError::Env {
                 var: "KEYGATE_LISTEN",
@@ -182,6 +189,46 @@ impl Config {
         }
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// `KEYGATE_TLS_CERT` and `KEYGATE_TLS_KEY` (both, or neither; they replace the file's
+    /// `[tls]` paths) and `KEYGATE_TLS_CLIENT_CA` (needs TLS).
+    fn apply_tls_env(&mut self) -> Result<(), ConfigError> {
+        let var = |name| {
+            std::env::var_os(name)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
+        match (var("KEYGATE_TLS_CERT"), var("KEYGATE_TLS_KEY")) {
+            (Some(cert_file), Some(key_file)) => match &mut self.tls {
+                Some(t) => (t.cert_file, t.key_file) = (cert_file, key_file),
+                None => {
+                    self.tls = Some(TlsConfig {
+                        cert_file,
+                        key_file,
+                        client_ca_file: None,
+                    })
+                }
+            },
+            (None, None) => {}
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(ConfigError::Env {
+                    var: "KEYGATE_TLS_CERT",
+                    reason: "KEYGATE_TLS_CERT and KEYGATE_TLS_KEY go together".into(),
+                });
+            }
+        }
+        if let Some(ca) = var("KEYGATE_TLS_CLIENT_CA") {
+            let Some(t) = &mut self.tls else {
+                return Err(ConfigError::Env {
+                    var: "KEYGATE_TLS_CLIENT_CA",
+                    reason: "client certificates need TLS: set KEYGATE_TLS_CERT and KEYGATE_TLS_KEY or [tls]"
+                        .into(),
+                });
+            };
+            t.client_ca_file = Some(ca);
+        }
+        Ok(())
     }
 
     /// Parses TOML text; the error is one line.
@@ -369,9 +416,10 @@ impl Config {
 
     /// The base URL clients reach (no trailing slash).
     pub fn public_base_url(&self) -> String {
-        self.public_base_url
-            .clone()
-            .unwrap_or_else(|| format!("http://{}", self.listen))
+        self.public_base_url.clone().unwrap_or_else(|| {
+            let scheme = if self.tls.is_some() { "https" } else { "http" };
+            format!("{scheme}://{}", self.listen)
+        })
     }
 
     /// The `iss` of every token.

@@ -57,6 +57,21 @@ impl Default for HttpConfig {
     }
 }
 
+/// Native TLS of the listener (`KEYGATE_TLS_CERT`, `KEYGATE_TLS_KEY`,
+/// `KEYGATE_TLS_CLIENT_CA`). Absent: plain HTTP.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, the serving certificate first.
+    pub cert_file: PathBuf,
+    /// PEM private key of that certificate (PKCS#8, SEC1 or PKCS#1).
+    pub key_file: PathBuf,
+    /// PEM CA certificates: when set, every connection must present a client certificate
+    /// that chains to one of them (mutual TLS).
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
+}
+
 /// Attestation-gated enrollment (API.md; docs/api-notes.md).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -40,10 +40,16 @@ pub(super) async fn serve(
     let router = service.router.clone();
     let authority = service.authority.clone();
     let limits = crate::api::server::Limits::from_config(&crate::config::HttpConfig::default());
-    tokio::spawn(crate::api::server::serve(listener, router, limits, async move {
-        let _ = stop_rx.await;
-        authority.close_streams();
-    }));
+    tokio::spawn(crate::api::server::serve(
+        listener,
+        router,
+        limits,
+        None,
+        async move {
+            let _ = stop_rx.await;
+            authority.close_streams();
+        },
+    ));
     Ok((addr, stop_tx))
 }
 
