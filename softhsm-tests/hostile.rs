@@ -300,3 +300,60 @@ async fn refusals_without_a_credential_write_little() {
         "200 refused requests added {grown} bytes to the audit log"
     );
 }
+
+/// Redemption and enrollment need no credential, so each source gets a rate: past its
+/// burst a source gets 429 with Retry-After (and writes nothing), other sources and the
+/// operator endpoints are not affected, and the source may come back after the wait.
+#[tokio::test(flavor = "multi_thread")]
+async fn rate_limits_hold_back_one_source_on_the_open_endpoints() {
+    let env = Env::with_toml("[http]\nper_source_per_second = 2\nper_source_burst = 5\n").await;
+    let (base, _svc) = env.serve().await;
+    let audit = "SELECT COUNT(*) FROM audit_log";
+    let before = newest(&env, audit).await;
+    let mut statuses = Vec::new();
+    let mut retry_after = None;
+    for _ in 0..20 {
+        let res = reqwest::Client::new()
+            .post(format!("{base}/v1/tokens/redeem"))
+            .json(&json!({"token": "x.y.z"}))
+            .send()
+            .await
+            .unwrap();
+        statuses.push(res.status().as_u16());
+        if res.status() == 429 {
+            retry_after = Some(res.headers()["retry-after"].to_str().unwrap().to_owned());
+            assert_eq!(res.headers()["content-type"], "application/problem+json");
+        }
+    }
+    let refused = statuses.iter().filter(|s| **s == 401).count();
+    let limited = statuses.iter().filter(|s| **s == 429).count();
+    assert!(
+        (5..=7).contains(&refused) && refused + limited == 20,
+        "{statuses:?}"
+    );
+    assert_eq!(retry_after.as_deref(), Some("1"));
+    // the enrollment steps share the source's budget
+    let res = reqwest::Client::new()
+        .post(format!("{base}/v1/enroll/challenge"))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 429);
+    // only the requests let through were audited
+    assert_eq!(newest(&env, audit).await - before, refused as i64);
+    // the operator endpoints are not limited
+    for i in 0..10 {
+        let t = issue(
+            &base,
+            &env.admin,
+            json!({"subject": format!("n{i}"), "audience": "a"}),
+        )
+        .await;
+        assert!(t["token"].is_string());
+    }
+    // after the wait the source may redeem again
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let (status, _) = redeem(&base, json!({"token": "x.y.z"}), None).await;
+    assert_eq!(status, 401);
+}

@@ -208,6 +208,7 @@ impl Env {
             Some(u) => format!("[store]\nurl = \"{u}\"\n"),
             None => String::new(),
         };
+        let extra = unlimited(extra);
         let text = format!(
             "data_dir = \"{data}\"\nlisten = \"127.0.0.1:{port}\"\n{extra}\n{store}[pkcs11]\nmodule = \"{SOFTHSM2_MODULE}\"\ntoken_label = \"{label}\"\npin = {{ file = \"{pin}\" }}\nsessions = 4\n",
             data = dir.path().display(),
@@ -248,6 +249,7 @@ impl Env {
             Some(u) => format!("[store]\nurl = \"{u}\"\n"),
             None => String::new(),
         };
+        let extra = unlimited(extra);
         let text = format!(
             "data_dir = \"{data}\"\nlisten = \"127.0.0.1:{port}\"\nbackend = \"tpm\"\n{extra}\n{store}[tpm]\ntcti = \"{tcti}\"\ntimeout_ms = 2000\n",
             data = dir.path().display(),
@@ -352,6 +354,18 @@ impl Env {
             .env_remove("KEYGATE_ISSUER")
             .env_remove("KEYGATE_PUBLIC_URL");
         c
+    }
+}
+
+/// `extra` with the per-source rate limit off, unless it sets one: tests send hundreds of
+/// requests from 127.0.0.1 as a proxy would (`hostile::rate_limits…` tests the limit).
+fn unlimited(extra: &str) -> String {
+    if extra.contains("per_source_per_second") {
+        extra.to_owned()
+    } else if extra.contains("[http]\n") {
+        extra.replacen("[http]\n", "[http]\nper_source_per_second = 0\n", 1)
+    } else {
+        format!("{extra}\n[http]\nper_source_per_second = 0\n")
     }
 }
 

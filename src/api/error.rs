@@ -36,6 +36,9 @@ pub enum ApiError {
     Conflict(String),
     PayloadTooLarge,
     UnsupportedMediaType(String),
+    /// The source sent more than its rate to an endpoint without credential; retry after
+    /// this many seconds.
+    TooManyRequests(u64),
     /// The request was not read and answered within `http.request_timeout_seconds`.
     RequestTimeout,
     /// A component (key backend, store) cannot serve now; the string names it.
@@ -91,6 +94,12 @@ impl ApiError {
                 "unsupported-media-type",
                 "Unsupported media type",
                 d.clone(),
+            ),
+            TooManyRequests(secs) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate-limited",
+                "Too many requests",
+                format!("too many requests from this address; retry in {secs} s"),
             ),
             RequestTimeout => (
                 StatusCode::REQUEST_TIMEOUT,
@@ -157,6 +166,9 @@ impl IntoResponse for ApiError {
                 if let Ok(v) = HeaderValue::from_str(&v) {
                     h.insert(header::WWW_AUTHENTICATE, v);
                 }
+            }
+            ApiError::TooManyRequests(secs) => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from(*secs));
             }
             ApiError::Unavailable(_) => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

@@ -6,6 +6,7 @@ mod enroll;
 pub mod error;
 mod extract;
 mod lifecycle;
+pub mod limit;
 mod openapi;
 mod operator;
 mod public;
@@ -38,6 +39,8 @@ pub struct AppState {
     /// Public base URL (no trailing slash).
     pub base_url: String,
     pub metrics: PrometheusHandle,
+    /// Per-source rate limit of the endpoints without credential (`None`: off).
+    pub source_limit: Option<Arc<limit::SourceLimit>>,
 }
 
 /// The process-wide Prometheus recorder (installed once).
@@ -89,6 +92,10 @@ pub fn metrics_handle() -> PrometheusHandle {
             );
             metrics::describe_gauge!("keygate_http_connections", "HTTP connections open now");
             metrics::describe_counter!(
+                "keygate_rate_limited_total",
+                "Requests to redemption or enrollment answered 429: their source was past http.per_source_per_second"
+            );
+            metrics::describe_counter!(
                 "keygate_tls_handshakes_failed_total",
                 "TLS handshakes that failed or did not finish within the header-read timeout"
             );
@@ -122,7 +129,17 @@ fn no_store(mut res: Response) -> Response {
 /// Builds the router over `state`.
 pub fn router(state: AppState) -> Router {
     let x_request_id = HeaderName::from_static("x-request-id");
+    // The endpoints anyone may call, rate-limited per source.
+    let open = Router::new()
+        .route("/v1/tokens/redeem", post(lifecycle::redeem))
+        .route("/v1/enroll/challenge", post(enroll::challenge))
+        .route("/v1/enroll/complete", post(enroll::complete));
+    let open = match &state.source_limit {
+        Some(l) => open.route_layer(axum::middleware::from_fn_with_state(l.clone(), limit::limit)),
+        None => open,
+    };
     Router::new()
+        .merge(open)
         .route("/.well-known/jwks.json", get(public::jwks))
         .route("/.well-known/keygate-configuration", get(public::configuration))
         .route("/healthz", get(public::healthz))
@@ -131,7 +148,6 @@ pub fn router(state: AppState) -> Router {
         .route("/openapi.json", get(public::openapi))
         .route("/v1/tokens", post(operator::issue_token))
         .route("/v1/tokens/introspect", post(operator::introspect))
-        .route("/v1/tokens/redeem", post(lifecycle::redeem))
         .route("/v1/revocations/stream", get(lifecycle::revocation_stream))
         .route("/v1/keys", get(operator::list_keys))
         .route("/v1/keys/rotate", post(lifecycle::rotate_key))
@@ -141,8 +157,6 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/revocations", get(operator::revocations))
         .route("/v1/api-tokens", post(operator::create_api_token).get(operator::list_api_tokens))
         .route("/v1/api-tokens/{id}", delete(operator::delete_api_token))
-        .route("/v1/enroll/challenge", post(enroll::challenge))
-        .route("/v1/enroll/complete", post(enroll::complete))
         .route("/v1/enroll/machines", post(enroll::register_machine).get(enroll::list_machines))
         .route("/v1/enroll/machines/{ek_hash}", delete(enroll::revoke_machine))
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })

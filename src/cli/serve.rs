@@ -96,6 +96,10 @@ pub async fn build_service_with(config: &Config, sessions: Option<usize>) -> any
         authority: authority.clone(),
         base_url: config.public_base_url(),
         metrics: api::metrics_handle(),
+        source_limit: api::limit::SourceLimit::new(
+            config.http.per_source_per_second,
+            config.http.per_source_burst,
+        ),
     };
     Ok(Service {
         router: api::router(state),

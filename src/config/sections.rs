@@ -37,6 +37,22 @@ pub struct HttpConfig {
     /// store, the device and the log.
     #[serde(default)]
     pub max_connections: usize,
+    /// Requests a second each source address may send to the endpoints that need no
+    /// credential (redemption, enrollment); past it, 429 with `Retry-After`. 0: no limit
+    /// (behind a proxy every request comes from the proxy: limit there instead).
+    #[serde(default = "default_per_source")]
+    pub per_source_per_second: u32,
+    /// Requests a source may send at once before its rate applies.
+    #[serde(default = "default_per_source_burst")]
+    pub per_source_burst: u32,
+}
+
+fn default_per_source() -> u32 {
+    20
+}
+
+fn default_per_source_burst() -> u32 {
+    100
 }
 
 fn default_header_read_timeout() -> u64 {
@@ -53,6 +69,8 @@ impl Default for HttpConfig {
             header_read_timeout_seconds: default_header_read_timeout(),
             request_timeout_seconds: default_request_timeout(),
             max_connections: 0,
+            per_source_per_second: default_per_source(),
+            per_source_burst: default_per_source_burst(),
         }
     }
 }
