@@ -189,6 +189,13 @@ impl From<AuthorityError> for ApiError {
             AuthorityError::Attestation(d) => ApiError::AttestationFailed(d),
             AuthorityError::Denied(d) => ApiError::Denied(d),
             AuthorityError::Conflict(d) => ApiError::Conflict(d),
+            // Busy is load shedding at work (counted in keygate_requests_failed_total and
+            // keygate_backend_shed_total), not a fault: an ERROR line per refused request
+            // would flood the log exactly when the service is busiest.
+            AuthorityError::Backend(e @ crate::keys::KeyError::Busy(_)) => {
+                tracing::debug!(error = %e, "key backend busy");
+                ApiError::Unavailable("key backend")
+            }
             AuthorityError::Backend(e) => {
                 tracing::error!(error = %e, "key backend failed");
                 if e.is_unavailable() {

@@ -3,6 +3,7 @@
 //! and offline verification per core against the fastest raw ECDSA P-256 verify measured in
 //! the same run. Prints the ratios the project tracks (docs/benchmarks.md).
 
+mod burst;
 mod cpu;
 mod enroll;
 mod lifecycle;
@@ -43,6 +44,10 @@ pub struct BenchArgs {
     /// Skip the server-CPU measurement (a `keygate serve` child process).
     #[arg(long)]
     pub no_server_cpu: bool,
+    /// Measure a burst instead: this many clients issuing at once, one connection each,
+    /// for --seconds; every answer counted by status with its latency (2000, say).
+    #[arg(long)]
+    pub burst: Option<usize>,
     /// Measure attestation-gated enrollment instead, with the TPM at this TCTI playing the
     /// client (swtpm:host=127.0.0.1,port=2321, say).
     #[arg(long)]
@@ -129,6 +134,9 @@ pub async fn run(a: BenchArgs, mut config: Config) -> anyhow::Result<()> {
     };
     let secs = a.seconds.max(1);
     let runs = a.runs.max(1);
+    if let Some(clients) = a.burst {
+        return burst::report(&config, clients, secs, a.markdown).await;
+    }
     if let Some(tcti) = &a.enroll_tcti {
         return enroll::report(&config, tcti, secs, runs, a.markdown).await;
     }
