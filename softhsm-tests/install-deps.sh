@@ -2,7 +2,8 @@
 # Installs, from Debian's packages, whatever keygate needs that this machine lacks:
 # SoftHSM2 (the embedded development token and the test HSM), OpenSC (pkcs11-tool),
 # openssl (independent checks in the tests), pkg-config, the swtpm TPM 2.0 simulator,
-# tpm2-tools and libtss2-dev (for tss-esapi). Does nothing when all is there.
+# tpm2-tools and libtss2-dev (for tss-esapi), PostgreSQL, and what schemathesis and the
+# fuzzers need (python3-venv, g++). Does nothing when all is there.
 set -euo pipefail
 
 need=()
@@ -24,6 +25,11 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb 
   need+=(postgresql)
 fi
 command -v runuser >/dev/null || need+=(util-linux)
+# schemathesis runs in a Python virtual environment; the tests talk to the server with curl
+command -v curl >/dev/null || need+=(curl)
+command -v python3 >/dev/null && python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3 python3-venv)
+# cargo-fuzz's libFuzzer builds C++
+command -v c++ >/dev/null || need+=(g++)
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

@@ -90,3 +90,13 @@ trap 'kill $swtpm_pid 2>/dev/null || true; softhsm-tests/private-pg.sh stop "$pg
 env -u KEYGATE_CONFIG KEYGATE_DATA_DIR="$run_dir/bench-enroll" cargo run --quiet -- bench --seconds 1 --runs 1 \
   --enroll-tcti "swtpm:host=127.0.0.1,port=$port" >/dev/null
 kill "$swtpm_pid" 2>/dev/null || true
+
+echo "== keygate bench --burst runs (a smoke run)" >&2
+env -u KEYGATE_CONFIG KEYGATE_DATA_DIR="$run_dir/bench-burst" cargo run --quiet -- bench --seconds 1 \
+  --burst 200 >/dev/null
+
+echo "== schemathesis against /openapi.json: every operation, no server error, nothing off the document" >&2
+softhsm-tests/schemathesis.sh "${KEYGATE_SCHEMATHESIS_EXAMPLES:-25}"
+
+echo "== fuzzing: each target for a bounded time (fuzz/README.md)" >&2
+fuzz/run.sh "${KEYGATE_FUZZ_SECONDS:-30}"

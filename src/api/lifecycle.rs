@@ -66,6 +66,7 @@ pub async fn redeem(
 
 /// Where a stream starts when the client sends no `Last-Event-ID`.
 #[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct StreamQuery {
     /// Send revocations with a seq above this one first (default 0: every unexpired one).

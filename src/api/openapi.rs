@@ -52,9 +52,73 @@ impl Modify for BearerAuth {
 )]
 struct ApiDoc;
 
+/// The endpoints anyone may call, rate-limited per source (429).
+const OPEN: [&str; 3] = ["/v1/tokens/redeem", "/v1/enroll/challenge", "/v1/enroll/complete"];
+
 /// The document as JSON.
 pub fn document() -> String {
-    ApiDoc::openapi().to_json().unwrap_or_else(|_| "{}".into())
+    let Ok(mut doc) = serde_json::to_value(ApiDoc::openapi()) else {
+        return "{}".into();
+    };
+    complete(&mut doc);
+    serde_json::to_string(&doc).unwrap_or_else(|_| "{}".into())
+}
+
+/// Adds the answers any operation of its kind can give, which the handlers do not list
+/// one by one (a client checking answers against the document must find every one), and
+/// gives every problem its media type, `application/problem+json` (RFC 9457).
+fn complete(doc: &mut serde_json::Value) {
+    let problem =
+        serde_json::json!({"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}});
+    let Some(paths) = doc.get_mut("paths").and_then(|p| p.as_object_mut()) else {
+        return;
+    };
+    for (path, ops) in paths.iter_mut() {
+        let Some(ops) = ops.as_object_mut() else { continue };
+        for op in ops.values_mut() {
+            let body = op.get("requestBody").is_some();
+            let secured = op.get("security").is_some();
+            let mut common = vec![
+                (
+                    "400",
+                    "Invalid request: a query, path or header the server cannot use",
+                ),
+                ("408", "The request was not completed within the request timeout"),
+                ("500", "Internal error (logged; the detail says nothing more)"),
+                (
+                    "503",
+                    "The key backend or the store is unavailable, or the device queue is full; see Retry-After",
+                ),
+            ];
+            if body {
+                common.push(("413", "The body exceeds 64 KiB"));
+                common.push(("415", "The body's media type is not accepted"));
+            }
+            if secured {
+                common.push(("401", "Missing, unknown or expired API token"));
+                common.push(("403", "The API token lacks the scope"));
+            }
+            if path.contains('{') {
+                common.push(("404", "No such object"));
+            }
+            if OPEN.contains(&path.as_str()) {
+                common.push(("429", "Too many requests from this source; see Retry-After"));
+            }
+            let Some(responses) = op.get_mut("responses").and_then(|r| r.as_object_mut()) else {
+                continue;
+            };
+            for (code, description) in common {
+                responses
+                    .entry(code)
+                    .or_insert_with(|| serde_json::json!({"description": description}));
+            }
+            for (code, r) in responses.iter_mut() {
+                if code.as_str() >= "400" {
+                    r["content"] = problem.clone();
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -83,5 +147,36 @@ mod tests {
             assert!(doc["paths"].get(p).is_some(), "missing {p}");
         }
         assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
+    }
+
+    #[test]
+    fn queries_are_query_parameters_and_every_problem_is_problem_json() {
+        let doc: serde_json::Value = serde_json::from_str(&super::document()).unwrap();
+        for (path, method) in [
+            ("/v1/audit", "get"),
+            ("/v1/revocations", "get"),
+            ("/v1/revocations/stream", "get"),
+        ] {
+            for p in doc["paths"][path][method]["parameters"].as_array().unwrap() {
+                if p["name"] == "after" || p["name"] == "limit" {
+                    assert_eq!(p["in"], "query", "{path} {}", p["name"]);
+                }
+            }
+        }
+        let mut problems = 0;
+        for ops in doc["paths"].as_object().unwrap().values() {
+            for op in ops.as_object().unwrap().values() {
+                for (code, r) in op["responses"].as_object().unwrap() {
+                    if code.as_str() >= "400" {
+                        assert!(r["content"]["application/problem+json"].is_object(), "{code}");
+                        problems += 1;
+                    }
+                }
+            }
+        }
+        assert!(problems > 100);
+        let redeem = &doc["paths"]["/v1/tokens/redeem"]["post"]["responses"];
+        assert!(redeem["429"].is_object() && redeem["413"].is_object() && redeem["415"].is_object());
+        assert!(doc["paths"]["/v1/keys"]["get"]["responses"]["429"].is_null());
     }
 }
