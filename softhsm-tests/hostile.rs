@@ -340,8 +340,9 @@ async fn rate_limits_hold_back_one_source_on_the_open_endpoints() {
         .await
         .unwrap();
     assert_eq!(res.status(), 429);
-    // only the requests let through were audited
-    assert_eq!(newest(&env, audit).await - before, refused as i64);
+    // the requests let through were refused alike: one entry now (the repeats are summed
+    // when the refusal window ends); the 429s wrote nothing
+    assert_eq!(newest(&env, audit).await - before, 1);
     // the operator endpoints are not limited
     for i in 0..10 {
         let t = issue(
@@ -412,4 +413,61 @@ async fn a_burst_gets_tokens_or_refusals_with_retry_after() {
     let t = issue(&base, &env.admin, json!({"subject": "after", "audience": "a"})).await;
     assert!(t["token"].is_string());
     eprintln!("burst of 400 x 5: {by_status:?}");
+}
+
+/// 300 junk API tokens from one source: the first refusal is an entry at once, the other
+/// 299 one summary entry with their count when the refusal window ends, so a client without
+/// a credential cannot grow the log at the rate it sends. The chain still verifies.
+#[tokio::test(flavor = "multi_thread")]
+async fn repeated_refusals_without_a_credential_become_one_summary() {
+    let env = Env::with_toml("[audit]\nrefusal_window_seconds = 1\n").await;
+    let log = env.dir.path().join("serve.log");
+    let server = Server::start(&env, &log, &[]).await;
+    let base = env.base_url();
+    let before = newest(&env, "SELECT COUNT(*) FROM audit_log").await;
+    let http = reqwest::Client::new();
+    for i in 0..300 {
+        let r = http
+            .get(format!("{base}/v1/keys"))
+            .bearer_auth(format!("kg_{i:0>43}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+    }
+    let summaries = "SELECT COUNT(*) FROM audit_log WHERE outcome LIKE '%more times in the last%'";
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while newest(&env, summaries).await == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no summary entry was written"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let db = env.db().await;
+    let outcomes = db
+        .strings(
+            "SELECT outcome FROM audit_log WHERE action = 'auth' ORDER BY seq",
+            &[],
+        )
+        .await;
+    db.close().await;
+    // every refusal is accounted for: firsts plus the counts of the summaries
+    let firsts = outcomes.iter().filter(|o| !o.contains("(and ")).count() as u64;
+    let repeats: u64 = outcomes
+        .iter()
+        .filter_map(|o| o.split_once("(and ")?.1.split(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(firsts + repeats, 300, "{outcomes:?}");
+    assert!(
+        outcomes.len() <= 8,
+        "{} entries for 300 refusals: {outcomes:?}",
+        outcomes.len()
+    );
+    let grown = newest(&env, "SELECT COUNT(*) FROM audit_log").await - before;
+    assert_eq!(grown as usize, outcomes.len());
+    server.stop();
+    let out = env.keygate().args(["audit", "verify"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }

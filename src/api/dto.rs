@@ -7,21 +7,27 @@ use utoipa::ToSchema;
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct IssueTokenRequest {
-    /// `sub` of the token.
+    /// `sub` of the token: printable, no surrounding whitespace, at most 256 bytes.
+    #[schema(min_length = 1, max_length = 256)]
     pub subject: String,
-    /// `aud` of the token.
+    /// `aud` of the token: printable, no surrounding whitespace, at most 256 bytes.
+    #[schema(min_length = 1, max_length = 256)]
     pub audience: String,
     /// Lifetime; at most the configured maximum (a larger value is a 400, never clamped).
     #[serde(default)]
+    #[schema(minimum = 1)]
     pub ttl_seconds: Option<u64>,
-    /// Scopes (RFC 6749 scope tokens), joined with spaces into `scope`.
+    /// Scopes (RFC 6749 scope tokens: printable ASCII without space, `"` or `\`, at most
+    /// 128 bytes each), joined with spaces into `scope`.
     #[serde(default)]
+    #[schema(max_items = 32)]
     pub scopes: Option<Vec<String>>,
     /// When true the token may be redeemed once only.
     #[serde(default)]
     pub one_time: Option<bool>,
     /// RFC 7638 thumbprint of the key the token is bound to (RFC 9449 `cnf.jkt`).
     #[serde(default)]
+    #[schema(pattern = "^[A-Za-z0-9_-]{43}$")]
     pub cnf_jkt: Option<String>,
 }
 
@@ -162,11 +168,15 @@ pub struct RedeemResponse {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateApiTokenRequest {
+    /// Printable, no surrounding whitespace, at most 128 bytes.
+    #[schema(min_length = 1, max_length = 128)]
     pub name: String,
     /// Any of `admin`, `tokens:issue`, `tokens:read`, `tokens:revoke`, `keys:read`,
     /// `keys:rotate`, `audit:read`, `enroll:admin`.
+    #[schema(min_items = 1)]
     pub scopes: Vec<String>,
     #[serde(default)]
+    #[schema(minimum = 1)]
     pub ttl_seconds: Option<u64>,
 }
 

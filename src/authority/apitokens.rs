@@ -219,9 +219,7 @@ impl Authority {
                 &format!("denied: {why}"),
                 remote,
             );
-            if let Err(e) = self.store.audit(rec).await {
-                tracing::error!(error = %e, "audit write failed for a refused credential");
-            }
+            self.audit_refusal(rec).await;
             AuthorityError::Unauthorized(why.into())
         };
         let Some(secret) = secret else {

@@ -218,10 +218,8 @@ impl Authority {
     async fn refused(&self, actor: &str, action: &str, target: &str, e: &AuthorityError, remote: &str) {
         Self::count("refused");
         let outcome = format!("denied: {e}");
-        let rec = AuditRecord::new(actor, action, target, &outcome, remote);
-        if let Err(err) = self.store.audit(rec).await {
-            tracing::error!(error = %err, action, "audit write failed for a refused enrollment");
-        }
+        self.audit_refusal(AuditRecord::new(actor, action, target, &outcome, remote))
+            .await;
     }
 
     fn count(outcome: &'static str) {

@@ -6,6 +6,7 @@ mod enroll;
 mod issue;
 mod keyring;
 mod redeem;
+mod refusals;
 mod revocations;
 mod rotation;
 
@@ -77,6 +78,9 @@ pub struct Settings {
     pub jwks_max_age: u64,
     /// Attestation-gated enrollment (`enroll.rs`).
     pub enroll: Arc<EnrollSettings>,
+    /// Repeated refusals without a verified identity are summed over this window
+    /// (`refusals.rs`).
+    pub refusal_window: std::time::Duration,
 }
 
 impl Settings {
@@ -102,6 +106,7 @@ impl Settings {
             publish_lead: cfg.rotation.publish_lead_seconds as i64,
             jwks_max_age: cfg.rotation.jwks_max_age_seconds,
             enroll: EnrollSettings::from_config(cfg)?,
+            refusal_window: std::time::Duration::from_secs(cfg.audit.refusal_window_seconds),
         })
     }
 }
@@ -121,6 +126,8 @@ pub struct Authority {
     last_probe_ok_ms: AtomicI64,
     /// One signing thread per backend session (`keys/queue.rs`).
     sign_queue: SignQueue,
+    /// Refusals without a verified identity, aggregated per window (`refusals.rs`).
+    refusals: refusals::Refusals,
     /// Live revocations for the event stream (`revocations.rs`).
     pub(crate) feed: Arc<revocations::Feed>,
     /// One rotation step at a time in this process (`rotation.rs`).
@@ -153,6 +160,7 @@ impl Authority {
         let sign_queue = SignQueue::start(slots, sign_wait)?;
         let feed = revocations::Feed::start(store.clone()).await?;
         Ok(Authority {
+            refusals: refusals::Refusals::new(settings.refusal_window),
             feed,
             rotation_lock: tokio::sync::Mutex::new(()),
             reload_lock: tokio::sync::Mutex::new(()),
@@ -166,6 +174,28 @@ impl Authority {
             keys: RwLock::new(Arc::new(ring)),
             settings,
         })
+    }
+
+    /// Audits a refusal: at once, or, for a request without a verified identity, once per
+    /// kind and window with the repeats summed (`refusals.rs`).
+    pub(crate) async fn audit_refusal(&self, rec: crate::audit::AuditRecord) {
+        if refusals::unverified(&rec.actor) && !self.refusals.admit(&rec) {
+            return;
+        }
+        let action = rec.action.clone();
+        if let Err(e) = self.store.audit(rec).await {
+            tracing::error!(error = %e, action, "audit write failed for a refusal");
+        }
+    }
+
+    /// Writes the summaries of a refusal window that has ended (or of the current one, with
+    /// `force`: at shutdown). Every replica runs this for its own refusals.
+    pub async fn flush_refusals(&self, force: bool) {
+        for rec in self.refusals.take_summaries(force) {
+            if let Err(e) = self.store.audit(rec).await {
+                tracing::warn!(error = %e, "cannot write a summary of refusals");
+            }
+        }
     }
 
     /// The key ring in force now.

@@ -73,9 +73,7 @@ impl Authority {
                 ) {
                     let outcome = format!("denied: {}", r.error);
                     let rec = AuditRecord::new(&r.actor, "token.redeem", &r.target, &outcome, remote);
-                    if let Err(e) = self.store.audit(rec).await {
-                        tracing::error!(error = %e, "audit write failed for a refused redemption");
-                    }
+                    self.audit_refusal(rec).await;
                 }
                 Err(r.error)
             }

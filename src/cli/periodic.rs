@@ -42,8 +42,19 @@ pub fn start(authority: Arc<Authority>, config: &Config) -> Periodic {
     Periodic(vec![
         tokio::spawn(rotation(authority.clone(), check, lease_every)),
         tokio::spawn(audit(authority.clone(), checkpoint_every, lease_every)),
+        tokio::spawn(refusal_summaries(authority.clone())),
         tokio::spawn(key_changes(authority)),
     ])
+}
+
+/// Summaries of repeated refusals (`authority/refusals.rs`), on every replica for its own.
+async fn refusal_summaries(authority: Arc<Authority>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        authority.flush_refusals(false).await;
+    }
 }
 
 /// A lease and what this process last knew of it, for logs and the `keygate_leader` gauge.

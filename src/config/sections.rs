@@ -183,6 +183,15 @@ pub struct AuditConfig {
     /// after a crash.
     #[serde(default = "default_checkpoint_every")]
     pub checkpoint_every_seconds: u64,
+    /// Refusals of requests without a verified identity (junk API tokens, forged tokens,
+    /// made-up enrollments): the first of each kind is recorded at once, its repeats in
+    /// this many seconds as one summary entry with their count.
+    #[serde(default = "default_refusal_window")]
+    pub refusal_window_seconds: u64,
+}
+
+fn default_refusal_window() -> u64 {
+    10
 }
 
 fn default_checkpoint_every() -> u64 {
