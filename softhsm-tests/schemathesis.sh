@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# schemathesis against a real `keygate serve` (embedded SoftHSM2 token, SQLite) and its own
+# openapi-spec-validator, then schemathesis against a real `keygate serve` (embedded SoftHSM2 token, SQLite) and its own
 # /openapi.json: every operation, a bounded number of generated requests each (positive
 # and negative data), authenticated as the admin. It fails on any server error and on any
 # answer the document does not describe (status, media type, body schema, headers).
@@ -11,7 +11,7 @@ examples=${1:-30}
 venv=target/schemathesis-venv
 if [ ! -x "$venv/bin/st" ]; then
   python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet 'schemathesis==4.32.5'
+  "$venv/bin/pip" install --quiet 'schemathesis==4.32.5' 'openapi-spec-validator==0.7.2'
 fi
 bin=${KEYGATE_BIN:-target/debug/keygate}
 dir=$(mktemp -d)
@@ -26,6 +26,9 @@ for _ in $(seq 300); do
 done
 token=$(sed -n 's/^KEYGATE_ADMIN_TOKEN=//p' "$dir/out")
 [ -n "$token" ] || { echo "no admin token from the embedded start" >&2; cat "$dir/log" >&2; exit 1; }
+# the document itself is valid OpenAPI
+curl -fsS "http://127.0.0.1:$port/openapi.json" >"$dir/openapi.json"
+"$venv/bin/openapi-spec-validator" "$dir/openapi.json"
 "$venv/bin/st" run "http://127.0.0.1:$port/openapi.json" \
   --checks not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,response_headers_conformance \
   --max-examples "$examples" --header "Authorization: Bearer $token" \
