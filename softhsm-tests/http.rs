@@ -69,7 +69,7 @@ async fn token_from_http_verifies_with_jwks_only_and_independent_implementations
     let set = jwks(&base).await;
     let iss = env.config.issuer();
 
-    // header exactly as API.md says
+    // header exactly as the HTTP contract says
     let parts = keygate::token::jws::parse(token).unwrap();
     assert_eq!(
         serde_json::to_value(&parts.header).unwrap(),

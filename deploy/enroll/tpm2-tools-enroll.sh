@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Enrolls this machine with keygate using only stock tpm2-tools and curl (plus coreutils):
-# the same protocol `keygate enroll` speaks (API.md "Attestation-gated enrollment").
+# the same protocol `keygate enroll` speaks (the HTTP contract, "Attestation-gated enrollment").
 #
 #   tpm2-tools-enroll.sh [-e rsa|ecc|ecc256] [-o OUTDIR] [-l PCRS] SERVER_URL
 #

@@ -1,4 +1,4 @@
-//! Request and response bodies of the HTTP API (API.md), with their OpenAPI schemas.
+//! Request and response bodies of the HTTP API (the HTTP contract), with their OpenAPI schemas.
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;

@@ -1,4 +1,4 @@
-//! Attestation-gated enrollment endpoints (API.md): the challenge and its completion (no
+//! Attestation-gated enrollment endpoints (the HTTP contract): the challenge and its completion (no
 //! auth: the TPM's proofs are the credential), and the machines an operator manages
 //! (scope `enroll:admin`). Each converts the request and calls the authority.
 

@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
 
-/// Largest request body accepted (API.md: 64 KiB, else 413).
+/// Largest request body accepted (the HTTP contract: 64 KiB, else 413).
 pub const BODY_LIMIT: usize = 64 * 1024;
 
 fn media_type(headers: &HeaderMap) -> Option<String> {

@@ -1,4 +1,4 @@
-//! The axum front end: routes, conventions of API.md (problem+json, 64 KiB, 415, strict
+//! The axum front end: routes, conventions of the HTTP contract (problem+json, 64 KiB, 415, strict
 //! JSON), a tracing span per request with its request id and matched route.
 
 mod dto;

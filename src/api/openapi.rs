@@ -30,7 +30,7 @@ impl Modify for BearerAuth {
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "keygate", description = "Hardware-backed issuer of provisioning tokens (see API.md)"),
+    info(title = "keygate", description = "Hardware-backed issuer of provisioning tokens (see docs/api-notes.md)"),
     paths(
         public::jwks, public::configuration, public::healthz, public::readyz, public::metrics, public::openapi,
         operator::issue_token, operator::introspect, operator::list_keys,

@@ -11,7 +11,7 @@ use super::AppState;
 use super::dto::{Configuration, Status};
 use super::error::{ApiError, Problem};
 
-/// Default `Cache-Control: max-age` of the JWKS (API.md: at most 300); configurable as
+/// Default `Cache-Control: max-age` of the JWKS (the HTTP contract: at most 300); configurable as
 /// `rotation.jwks_max_age_seconds`.
 pub const JWKS_MAX_AGE: u64 = 60;
 

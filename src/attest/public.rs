@@ -203,7 +203,7 @@ impl TpmPublic {
         }
     }
 
-    /// API.md's EK hash: lowercase hex SHA-256 of the DER SubjectPublicKeyInfo.
+    /// the HTTP contract's EK hash: lowercase hex SHA-256 of the DER SubjectPublicKeyInfo.
     pub fn ek_hash(&self) -> String {
         hex::encode(digest::digest(&digest::SHA256, &self.spki_der()))
     }

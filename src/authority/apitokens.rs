@@ -91,7 +91,7 @@ pub const PREFIX: &str = "kg_";
 /// Length of a secret: `kg_` + 43 base64url characters (32 bytes).
 const SECRET_LEN: usize = 3 + 43;
 
-/// Operator scopes (API.md). `admin` includes all the others.
+/// Operator scopes (the HTTP contract). `admin` includes all the others.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Scope {
     Admin,

@@ -1,4 +1,4 @@
-//! Attestation-gated enrollment (API.md): a machine proves with TPM credential activation
+//! Attestation-gated enrollment (the HTTP contract): a machine proves with TPM credential activation
 //! and a quote that it holds a genuine TPM (and, with a PCR policy, a known boot state),
 //! then gets a provisioning token and a certificate for its AK from the hardware-held CA.
 //!

@@ -1,4 +1,4 @@
-//! `keygate enroll`: the built-in enrollment client (API.md "Attestation-gated
+//! `keygate enroll`: the built-in enrollment client (the HTTP contract, "Attestation-gated
 //! enrollment"). The TPM work (`enroll_tpm.rs`) runs on a blocking thread of its own, which
 //! also drives the two HTTP calls, so one tss-esapi `Context` serves the whole exchange.
 

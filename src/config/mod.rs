@@ -33,7 +33,7 @@ pub const ENV_OVERRIDES: [(&str, &str); 13] = [
     ("KEYGATE_CONFIG", "(names the file itself)"),
 ];
 
-/// Debian's SoftHSM2 module path (FACTS.md).
+/// Debian's SoftHSM2 module path.
 pub const SOFTHSM2_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 /// Token label of the embedded SoftHSM2 token.
 pub const EMBEDDED_TOKEN_LABEL: &str = "keygate";

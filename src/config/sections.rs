@@ -90,7 +90,7 @@ pub struct TlsConfig {
     pub client_ca_file: Option<PathBuf>,
 }
 
-/// Attestation-gated enrollment (API.md; docs/api-notes.md).
+/// Attestation-gated enrollment (the HTTP contract; docs/api-notes.md).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EnrollConfig {
@@ -150,7 +150,7 @@ pub struct RotationConfig {
     /// Rotate the active key this long after it became active (0: only by hand).
     #[serde(default = "default_rotate_every")]
     pub rotate_every_seconds: u64,
-    /// A new key is published this long before it signs (API.md: default 10 min). Must be
+    /// A new key is published this long before it signs (the HTTP contract: default 10 min). Must be
     /// at least `jwks_max_age_seconds`, so every verifier has fetched it in time.
     #[serde(default = "default_publish_lead")]
     pub publish_lead_seconds: u64,

@@ -107,7 +107,7 @@ pub trait KeyBackend: Send + Sync + 'static {
 }
 
 /// Decodes an EC point as devices return it: raw SEC1, or wrapped in a DER OCTET STRING
-/// (PKCS#11 `CKA_EC_POINT`, FACTS.md).
+/// (PKCS#11 `CKA_EC_POINT`, measured on the development VM).
 pub fn parse_ec_point(bytes: &[u8]) -> Result<p256::PublicKey, KeyError> {
     let raw = match bytes {
         [0x04, 0x41, rest @ ..] if rest.len() == 65 => rest,

@@ -1,4 +1,4 @@
-//! JWT claims of a provisioning token (API.md "Provisioning tokens").
+//! JWT claims of a provisioning token (the HTTP contract, "Provisioning tokens").
 
 use serde::{Deserialize, Serialize};
 

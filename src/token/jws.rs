@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use super::b64;
 
 /// The protected header keygate writes and accepts. Members are serialized in the order
-/// API.md shows: `alg`, `typ`, `kid`.
+/// the HTTP contract shows: `alg`, `typ`, `kid`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Header {
     pub alg: String,

@@ -1,4 +1,4 @@
-//! The signed revocation list (API.md): a JWS signed like tokens, `typ` `revocations+jwt`,
+//! The signed revocation list (the HTTP contract): a JWS signed like tokens, `typ` `revocations+jwt`,
 //! payload `{iss, iat, seq, revoked: [{jti, exp, revoked_at}]}` listing every revoked token
 //! that has not expired (or, with `?after=SEQ`, only newer revocations).
 

@@ -1,5 +1,5 @@
 //! Signing a SHA-256 digest with `CKM_ECDSA` (SoftHSM2 2.6 has no `CKM_ECDSA_SHA256`;
-//! FACTS.md). The result is raw `r || s`, exactly the JWS ES256 signature.
+//! measured on the development VM). The result is raw `r || s`, exactly the JWS ES256 signature.
 
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::Mechanism;

@@ -140,7 +140,7 @@ impl TpmBackend {
     /// An ESYS object for a persistent handle (the caller closes it).
     fn open_persistent(ctx: &mut Context, handle: u32) -> Result<ObjectHandle, KeyError> {
         let tpm = PersistentTpmHandle::new(handle).map_err(|e| tss_error("handle", e))?;
-        // FACTS.md: libtss2-esys 3.2.1 crashes here with a password session set.
+        // measured on the development VM: libtss2-esys 3.2.1 crashes here with a password session set.
         ctx.execute_without_session(|ctx| ctx.tr_from_tpm_public(TpmHandle::Persistent(tpm)))
             .map_err(|e| tss_error(&format!("TR_FromTPMPublic(0x{handle:08x})"), e))
     }
