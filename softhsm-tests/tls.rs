@@ -236,3 +236,21 @@ async fn tls_files_that_do_not_fit_stop_the_start_with_one_line() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("KEYGATE_TLS_KEY go together"));
 }
+
+/// Serving a non-loopback address without TLS starts, with a loud warning; on loopback
+/// there is none.
+#[tokio::test(flavor = "multi_thread")]
+async fn plain_http_on_a_non_loopback_address_is_warned_about() {
+    let env = Env::new().await;
+    let log = env.dir.path().join("serve.log");
+    let port = env.config.listen.port();
+    let server = Server::start(&env, &log, &[]).await;
+    server.stop();
+    assert!(!std::fs::read_to_string(&log).unwrap().contains("WITHOUT TLS"));
+    let everywhere = format!("0.0.0.0:{port}");
+    let server = Server::start(&env, &log, &[("KEYGATE_LISTEN", everywhere.as_str())]).await;
+    server.stop();
+    let text = std::fs::read_to_string(&log).unwrap();
+    let warning = text.lines().find(|l| l.contains("LISTENING WITHOUT TLS")).unwrap_or_else(|| panic!("{text}"));
+    assert!(warning.contains(" WARN "), "{warning}");
+}
