@@ -251,6 +251,9 @@ async fn plain_http_on_a_non_loopback_address_is_warned_about() {
     let server = Server::start(&env, &log, &[("KEYGATE_LISTEN", everywhere.as_str())]).await;
     server.stop();
     let text = std::fs::read_to_string(&log).unwrap();
-    let warning = text.lines().find(|l| l.contains("LISTENING WITHOUT TLS")).unwrap_or_else(|| panic!("{text}"));
+    let warning = text
+        .lines()
+        .find(|l| l.contains("LISTENING WITHOUT TLS"))
+        .unwrap_or_else(|| panic!("{text}"));
     assert!(warning.contains(" WARN "), "{warning}");
 }
