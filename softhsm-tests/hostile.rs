@@ -312,6 +312,7 @@ async fn rate_limits_hold_back_one_source_on_the_open_endpoints() {
     let before = newest(&env, audit).await;
     let mut statuses = Vec::new();
     let mut retry_after = None;
+    let started = std::time::Instant::now();
     for _ in 0..20 {
         let res = reqwest::Client::new()
             .post(format!("{base}/v1/tokens/redeem"))
@@ -327,10 +328,13 @@ async fn rate_limits_hold_back_one_source_on_the_open_endpoints() {
     }
     let refused = statuses.iter().filter(|s| **s == 401).count();
     let limited = statuses.iter().filter(|s| **s == 429).count();
+    // the burst of 5, and 2 a second for as long as the 20 requests took
+    let most = 5 + 2 * (started.elapsed().as_secs() as usize + 1);
     assert!(
-        (5..=7).contains(&refused) && refused + limited == 20,
+        (5..=most).contains(&refused) && refused + limited == 20,
         "{statuses:?}"
     );
+    assert!(limited > 0, "{statuses:?}");
     assert_eq!(retry_after.as_deref(), Some("1"));
     // the enrollment steps share the source's budget
     let res = reqwest::Client::new()
@@ -426,6 +430,7 @@ async fn repeated_refusals_without_a_credential_become_one_summary() {
     let base = env.base_url();
     let before = newest(&env, "SELECT COUNT(*) FROM audit_log").await;
     let http = reqwest::Client::new();
+    let started = std::time::Instant::now();
     for i in 0..300 {
         let r = http
             .get(format!("{base}/v1/keys"))
@@ -460,9 +465,11 @@ async fn repeated_refusals_without_a_credential_become_one_summary() {
         .filter_map(|o| o.split_once("(and ")?.1.split(' ').next()?.parse::<u64>().ok())
         .sum();
     assert_eq!(firsts + repeats, 300, "{outcomes:?}");
+    // a first and a summary per 1 s window the 300 requests spanned
+    let windows = started.elapsed().as_secs() as usize + 2;
     assert!(
-        outcomes.len() <= 8,
-        "{} entries for 300 refusals: {outcomes:?}",
+        outcomes.len() <= 2 * windows,
+        "{} entries for 300 refusals in {windows} windows: {outcomes:?}",
         outcomes.len()
     );
     let grown = newest(&env, "SELECT COUNT(*) FROM audit_log").await - before;
