@@ -10,9 +10,8 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
-use super::load::{LoadConn, issue_request, warm_up};
+use super::load::{Issuing, LoadConn};
 use super::report::Table;
-use crate::authority::Principal;
 use crate::config::Config;
 
 /// Answers of one status: how many, and their latencies in microseconds.
@@ -58,25 +57,19 @@ pub(super) async fn report(config: &Config, clients: usize, secs: u64, markdown:
 
 /// One burst against a service built from `config` in this process.
 async fn burst(config: &Config, clients: usize, secs: u64) -> anyhow::Result<(BTreeMap<u16, Answers>, f64)> {
-    let service = crate::cli::serve::build_service(config).await?;
-    let who = Principal {
-        id: "bench".into(),
-        scopes: vec![crate::authority::Scope::Admin],
-    };
-    let api = service
-        .authority
-        .create_api_token(
-            &who.id,
-            "bench",
-            &["tokens:issue".to_owned()],
-            Some(3600),
-            false,
-            "local",
-        )
-        .await?;
-    let (addr, stop_tx) = super::lifecycle::serve(&service).await?;
-    let request = issue_request(addr, api.secret.as_str());
-    warm_up(addr, &request, 201).await?;
+    let s = Issuing::start(crate::cli::serve::build_service(config).await?).await?;
+    let result = load(s.addr, s.request.clone(), clients, secs).await;
+    s.stop().await;
+    result
+}
+
+/// `clients` connections to `addr` sending `request` one after the other for `secs`.
+async fn load(
+    addr: std::net::SocketAddr,
+    request: Arc<[u8]>,
+    clients: usize,
+    secs: u64,
+) -> anyhow::Result<(BTreeMap<u16, Answers>, f64)> {
     // Connect everyone first, then start together.
     let mut conns = Vec::with_capacity(clients);
     for _ in 0..clients {
@@ -128,11 +121,5 @@ async fn burst(config: &Config, clients: usize, secs: u64) -> anyhow::Result<(BT
             }
         }
     }
-    let elapsed = started.elapsed().as_secs_f64();
-    let _ = stop_tx.send(());
-    let _ = service
-        .authority
-        .delete_api_token("bench", &api.id, "local")
-        .await;
-    Ok((all, elapsed))
+    Ok((all, started.elapsed().as_secs_f64()))
 }

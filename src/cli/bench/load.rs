@@ -171,6 +171,62 @@ pub(super) async fn drive(
     })
 }
 
+/// A service in this process serving on loopback, with an API token that may issue and the
+/// prebuilt issuance request; [`Issuing::stop`] stops serving and deletes the token.
+pub(super) struct Issuing {
+    service: crate::cli::Service,
+    api_id: String,
+    stop_tx: tokio::sync::oneshot::Sender<()>,
+    pub(super) addr: std::net::SocketAddr,
+    pub(super) request: Arc<[u8]>,
+}
+
+impl Issuing {
+    /// Serves `service`, mints the token and checks with a warm-up that issuance answers 201.
+    pub(super) async fn start(service: crate::cli::Service) -> anyhow::Result<Issuing> {
+        let who = Principal {
+            id: "bench".into(),
+            scopes: vec![crate::authority::Scope::Admin],
+        };
+        let api = service
+            .authority
+            .create_api_token(
+                &who.id,
+                "bench",
+                &["tokens:issue".to_owned()],
+                Some(3600),
+                false,
+                "local",
+            )
+            .await?;
+        let (addr, stop_tx) = super::lifecycle::serve(&service).await?;
+        let request = issue_request(addr, api.secret.as_str());
+        let issuing = Issuing {
+            service,
+            api_id: api.id,
+            stop_tx,
+            addr,
+            request,
+        };
+        match warm_up(addr, &issuing.request, 201).await {
+            Ok(()) => Ok(issuing),
+            Err(e) => {
+                issuing.stop().await;
+                Err(e)
+            }
+        }
+    }
+
+    pub(super) async fn stop(self) {
+        let _ = self.stop_tx.send(());
+        let _ = self
+            .service
+            .authority
+            .delete_api_token("bench", &self.api_id, "local")
+            .await;
+    }
+}
+
 /// Tokens per second through `POST /v1/tokens` on loopback, `clients` at once, served in
 /// this process.
 pub(super) async fn issuance(
@@ -180,32 +236,9 @@ pub(super) async fn issuance(
     secs: u64,
 ) -> anyhow::Result<Issuance> {
     let service = crate::cli::serve::build_service_with(config, Some(sessions)).await?;
-    let who = Principal {
-        id: "bench".into(),
-        scopes: vec![crate::authority::Scope::Admin],
-    };
-    let api = service
-        .authority
-        .create_api_token(
-            &who.id,
-            "bench",
-            &["tokens:issue".to_owned()],
-            Some(3600),
-            false,
-            "local",
-        )
-        .await?;
-    let (addr, stop_tx) = super::lifecycle::serve(&service).await?;
-    let request = issue_request(addr, api.secret.as_str());
-    let result = match warm_up(addr, &request, 201).await {
-        Ok(()) => drive(addr, Requests::Same(request), 201, clients, secs).await,
-        Err(e) => Err(e),
-    };
-    let _ = stop_tx.send(());
-    let _ = service
-        .authority
-        .delete_api_token("bench", &api.id, "local")
-        .await;
+    let s = Issuing::start(service).await?;
+    let result = drive(s.addr, Requests::Same(s.request.clone()), 201, clients, secs).await;
+    s.stop().await;
     result
 }
 
