@@ -4,7 +4,7 @@
 # and negative data), authenticated as the admin. It fails on any server error and on any
 # answer the document does not describe (status, media type, body schema, headers).
 #
-#   softhsm-tests/schemathesis.sh [MAX_EXAMPLES]   (default 30; the binary: target/debug)
+#   softhsm-tests/schemathesis.sh [MAX_EXAMPLES]   (default 30; the binary: $CARGO_TARGET_DIR or target, /debug/keygate)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 examples=${1:-30}
@@ -13,7 +13,7 @@ if [ ! -x "$venv/bin/st" ]; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet 'schemathesis==4.32.5' 'openapi-spec-validator==0.7.2'
 fi
-bin=${KEYGATE_BIN:-target/debug/keygate}
+bin=${KEYGATE_BIN:-${CARGO_TARGET_DIR:-target}/debug/keygate}
 dir=$(mktemp -d)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 env -u KEYGATE_CONFIG KEYGATE_DATA_DIR="$dir/data" KEYGATE_LISTEN="127.0.0.1:$port" KEYGATE_LOG=warn \
