@@ -2,8 +2,9 @@
 # Installs, from Debian's packages, whatever keygate needs that this machine lacks:
 # SoftHSM2 (the embedded development token and the test HSM), OpenSC (pkcs11-tool),
 # openssl (independent checks in the tests), pkg-config, the swtpm TPM 2.0 simulator,
-# tpm2-tools and libtss2-dev (for tss-esapi), PostgreSQL, and what schemathesis and the
-# fuzzers need (python3-venv, g++). Does nothing when all is there.
+# tpm2-tools and libtss2-dev (for tss-esapi), PostgreSQL, what schemathesis and the
+# fuzzers need (python3-venv, g++), promtool, and the small tools the scripts call (curl,
+# jq, xxd, procps). Does nothing when all is there.
 set -euo pipefail
 
 need=()
@@ -30,6 +31,11 @@ command -v curl >/dev/null || need+=(curl)
 command -v python3 >/dev/null && python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3 python3-venv)
 # cargo-fuzz's libFuzzer builds C++
 command -v c++ >/dev/null || need+=(g++)
+# promtool checks /metrics and the alert rules in deploy/; the enrollment script and the
+# README walk-through use xxd; tests and scripts look at processes with procps' tools
+command -v promtool >/dev/null || need+=(prometheus)
+command -v xxd >/dev/null || need+=(xxd)
+command -v ps >/dev/null && command -v pkill >/dev/null || need+=(procps)
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

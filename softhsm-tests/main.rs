@@ -22,6 +22,7 @@ mod redeem;
 mod replicas;
 mod revocation;
 mod rotation;
+mod standards;
 mod stream;
 mod tls;
 mod tpm;

@@ -72,6 +72,23 @@ async fn serve_fails_with_one_clear_line() {
     assert_one_line(ok, &err, "bogus");
     // the PIN itself is never in the message
     assert!(!err.contains(&env.user_pin));
+    // a PIN typed into the file by mistake is not repeated in the error
+    let typed = pkcs11_toml(&env, module, &label, &good_pin).replace(
+        &format!("pin = {{ file = \"{}\" }}", good_pin.display()),
+        &format!("pin = \"{}\"", env.user_pin),
+    );
+    let (ok, err) = serve_with(&env, &typed);
+    assert_one_line(ok, &err, "line 6: unknown variant (value not shown)");
+    assert!(!err.contains(&env.user_pin), "{err}");
+    // a configured device on a data folder that was never initialised: say what to do
+    let fresh = env.dir.path().join("fresh");
+    let toml = pkcs11_toml(&env, module, &label, &good_pin).replace(
+        &format!("data_dir = \"{}\"", env.dir.path().display()),
+        &format!("data_dir = \"{}\"", fresh.display()),
+    );
+    let (ok, err) = serve_with(&env, &toml);
+    assert_one_line(ok, &err, "run `keygate init` first");
+    assert!(!fresh.join("keygate.db").exists(), "serve created a database");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -191,6 +208,9 @@ async fn embedded_defaults_initialise_and_serve() {
         .env_remove("KEYGATE_CONFIG")
         .env("KEYGATE_DATA_DIR", &data)
         .env("KEYGATE_LISTEN", format!("127.0.0.1:{port}"))
+        // enrollment set up with a CA folder that is missing: one warning, though the
+        // first start loads the settings twice (init, then serve)
+        .env("KEYGATE_ENROLL_CA_DIR", dir.path().join("no-such-ca"))
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
@@ -240,6 +260,7 @@ async fn embedded_defaults_initialise_and_serve() {
         logs.contains("SoftHSM2, a software simulator"),
         "startup warns about the simulator"
     );
+    assert_eq!(logs.matches("no TPM manufacturer CA folder").count(), 1, "{logs}");
     // the token folder of the embedded SoftHSM2 is under the data folder
     assert!(std::fs::read_dir(data.join("softhsm-tokens")).unwrap().count() > 0);
 }
@@ -312,6 +333,8 @@ async fn no_secret_appears_in_the_logs() {
         logs.contains("answered"),
         "the test must actually see request logs"
     );
+    // enrollment is not set up here: not a word about TPM manufacturer CAs, even at debug
+    assert!(!logs.contains("WARN keygate::authority::enroll"), "{logs}");
     for s in &secrets {
         assert!(
             !logs.contains(s.as_str()),

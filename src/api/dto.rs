@@ -79,6 +79,16 @@ pub struct IntrospectResponse {
     pub revoked: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redeemed: Option<bool>,
+    /// The token's key binding (RFC 9449 §6.2): present for DPoP-bound tokens.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cnf: Option<ConfirmationView>,
+}
+
+/// RFC 7800 confirmation: the base64url SHA-256 JWK thumbprint (RFC 7638) of the key a
+/// DPoP proof must be signed with.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ConfirmationView {
+    pub jkt: String,
 }
 
 /// One signing key (GET /v1/keys).

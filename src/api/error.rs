@@ -26,6 +26,12 @@ pub struct Problem {
 pub enum ApiError {
     BadRequest(String),
     Unauthorized(String),
+    /// A DPoP-bound token without a valid RFC 9449 proof (401 with a `DPoP` challenge):
+    /// `key_binding` when the proof's key is not the token's `cnf.jkt`.
+    Dpop {
+        key_binding: bool,
+        detail: String,
+    },
     Forbidden(Scope),
     /// Attestation proof failed (401, no Bearer challenge: the proof is the credential).
     AttestationFailed(String),
@@ -61,6 +67,12 @@ impl ApiError {
                 "unauthorized",
                 "Unauthorized",
                 d.clone(),
+            ),
+            Dpop { detail, .. } => (
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "Unauthorized",
+                detail.clone(),
             ),
             Forbidden(s) => (
                 StatusCode::FORBIDDEN,
@@ -155,17 +167,31 @@ impl IntoResponse for ApiError {
                 let v = if d.starts_with("missing") {
                     "Bearer realm=\"keygate\"".to_owned()
                 } else {
-                    format!("Bearer realm=\"keygate\", error=\"invalid_token\", error_description=\"{d}\"")
+                    format!(
+                        "Bearer realm=\"keygate\", error=\"invalid_token\", error_description={}",
+                        quoted(d)
+                    )
                 };
-                if let Ok(v) = HeaderValue::from_str(&v) {
-                    h.insert(header::WWW_AUTHENTICATE, v);
-                }
+                insert_challenge(h, v);
+            }
+            // RFC 9449 §7.1: the DPoP scheme, the error, and the algorithms keygate accepts.
+            ApiError::Dpop { key_binding, detail } => {
+                let error = if *key_binding {
+                    "invalid_token"
+                } else {
+                    "invalid_dpop_proof"
+                };
+                insert_challenge(
+                    h,
+                    format!(
+                        "DPoP algs=\"ES256\", error=\"{error}\", error_description={}",
+                        quoted(detail)
+                    ),
+                );
             }
             ApiError::Forbidden(s) => {
                 let v = format!("Bearer realm=\"keygate\", error=\"insufficient_scope\", scope=\"{s}\"");
-                if let Ok(v) = HeaderValue::from_str(&v) {
-                    h.insert(header::WWW_AUTHENTICATE, v);
-                }
+                insert_challenge(h, v);
             }
             ApiError::TooManyRequests(secs) => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from(*secs));
@@ -179,11 +205,34 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// An RFC 9110 §5.6.4 quoted-string holding `text` as an RFC 6750 §3 `error_description`:
+/// only %x20-21 / %x23-5B / %x5D-7E may appear, so `"` and `\` become `'` and anything else
+/// outside printable ASCII becomes `?`. A reflected value (a kid, say) can then neither end
+/// the string early nor break the header.
+fn quoted(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    out.extend(text.chars().map(|c| match c {
+        '"' | '\\' => '\'',
+        ' '..='~' => c,
+        _ => '?',
+    }));
+    out.push('"');
+    out
+}
+
+fn insert_challenge(h: &mut axum::http::HeaderMap, v: String) {
+    if let Ok(v) = HeaderValue::from_str(&v) {
+        h.insert(header::WWW_AUTHENTICATE, v);
+    }
+}
+
 impl From<AuthorityError> for ApiError {
     fn from(e: AuthorityError) -> Self {
         match e {
             AuthorityError::BadRequest(d) => ApiError::BadRequest(d),
             AuthorityError::Unauthorized(d) => ApiError::Unauthorized(d),
+            AuthorityError::Dpop { key_binding, detail } => ApiError::Dpop { key_binding, detail },
             AuthorityError::Forbidden(s) => ApiError::Forbidden(s),
             AuthorityError::NotFound(d) => ApiError::NotFound(d),
             AuthorityError::Attestation(d) => ApiError::AttestationFailed(d),

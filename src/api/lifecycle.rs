@@ -34,14 +34,15 @@ pub async fn redeem(
     let mut proofs = headers.get_all("dpop").iter();
     let dpop = match (proofs.next(), proofs.next()) {
         (None, _) => None,
-        (Some(v), None) => Some(
-            v.to_str()
-                .map_err(|_| ApiError::Unauthorized("DPoP proof is malformed: not ASCII".into()))?,
-        ),
+        (Some(v), None) => Some(v.to_str().map_err(|_| ApiError::Dpop {
+            key_binding: false,
+            detail: "DPoP proof is malformed: not ASCII".into(),
+        })?),
         (Some(_), Some(_)) => {
-            return Err(ApiError::Unauthorized(
-                "DPoP proof is malformed: more than one DPoP header".into(),
-            ));
+            return Err(ApiError::Dpop {
+                key_binding: false,
+                detail: "DPoP proof is malformed: more than one DPoP header".into(),
+            });
         }
     };
     let url = format!("{}/v1/tokens/redeem", st.base_url);

@@ -71,6 +71,12 @@ pub fn metrics_handle() -> PrometheusHandle {
             for outcome in ["success", "refused"] {
                 metrics::counter!("keygate_enrollments_total", "outcome" => outcome).absolute(0);
             }
+            metrics::describe_counter!("keygate_tokens_issued_total", "Provisioning tokens issued");
+            metrics::describe_counter!(
+                "keygate_tokens_redeemed_total",
+                "Provisioning tokens redeemed (each successful redemption)"
+            );
+            metrics::describe_counter!("keygate_tokens_revoked_total", "Provisioning tokens revoked");
             metrics::describe_histogram!(
                 "keygate_issue_duration_seconds",
                 metrics::Unit::Seconds,

@@ -46,7 +46,7 @@ impl Modify for BearerAuth {
         AuditPage, AuditEntryView, CheckpointView, RevokeRequest, RevokeResponse,
         RotateRequest, RedeemRequestBody, RedeemResponse,
         EnrollChallengeRequest, EnrollChallengeResponse, EnrollCompleteRequest, EnrollCompleteResponse,
-        RegisterMachineRequest, MachineView,
+        RegisterMachineRequest, MachineView, ConfirmationView,
     )),
     modifiers(&BearerAuth),
 )]

@@ -90,6 +90,7 @@ pub async fn introspect(
         out.token_type = Some("provisioning+jwt".into());
         out.revoked = Some(revoked);
         out.redeemed = Some(redeemed);
+        out.cnf = c.cnf.as_ref().map(|c| ConfirmationView { jkt: c.jkt.clone() });
     }
     Ok(Json(out))
 }

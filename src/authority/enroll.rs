@@ -49,7 +49,7 @@ impl EnrollSettings {
         let policy = PcrPolicy::parse(&e.pcr_selection, &e.pcr_policy)
             .map_err(|why| AuthorityError::Internal(format!("enroll: {why}")))?;
         let bundle = match e.mode {
-            EnrollMode::EkCa => load_bundle(&e.ca_dir)?,
+            EnrollMode::EkCa => load_bundle(&e.ca_dir, cfg.enroll_configured)?,
             EnrollMode::Allowlist => EkCaBundle::default(),
         };
         Ok(Arc::new(EnrollSettings {
@@ -70,14 +70,24 @@ impl EnrollSettings {
     }
 }
 
-fn load_bundle(dir: &Path) -> Result<EkCaBundle, AuthorityError> {
+/// Loads the CA folder. An empty or missing folder refuses every EK certificate; that is
+/// worth one warning per process, and only when the operator set enrollment up.
+fn load_bundle(dir: &Path, configured: bool) -> Result<EkCaBundle, AuthorityError> {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let warn = |why: &str| {
+        if configured && !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!(dir = %dir.display(), "{why}: every EK certificate will be refused (enroll.ca_dir, KEYGATE_ENROLL_CA_DIR)");
+        } else {
+            tracing::debug!(dir = %dir.display(), "{why}");
+        }
+    };
     if !dir.is_dir() {
-        tracing::warn!(dir = %dir.display(), "no TPM manufacturer CA folder: every EK certificate will be refused (enroll.ca_dir, KEYGATE_ENROLL_CA_DIR)");
+        warn("no TPM manufacturer CA folder");
         return Ok(EkCaBundle::default());
     }
     let b = EkCaBundle::load_dir(dir).map_err(|e| AuthorityError::Internal(e.to_string()))?;
     if b.is_empty() {
-        tracing::warn!(dir = %dir.display(), "no certificates in the TPM manufacturer CA folder: every EK certificate will be refused");
+        warn("no certificates in the TPM manufacturer CA folder");
     } else {
         tracing::info!(dir = %dir.display(), certificates = b.len(), "loaded TPM manufacturer CAs");
     }

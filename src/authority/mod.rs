@@ -35,6 +35,11 @@ pub enum AuthorityError {
     /// No, unknown, expired or deleted credential.
     #[error("{0}")]
     Unauthorized(String),
+    /// A DPoP-bound token presented without a valid RFC 9449 proof: the proof is missing,
+    /// malformed, replayed or not for this request (`key_binding` false), or signed by a key
+    /// other than the token's `cnf.jkt` (`key_binding` true). A 401 with a `DPoP` challenge.
+    #[error("{detail}")]
+    Dpop { key_binding: bool, detail: String },
     /// Valid credential without the scope.
     #[error("this API token lacks the scope {0}")]
     Forbidden(Scope),

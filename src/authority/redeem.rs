@@ -12,6 +12,14 @@ use crate::token::{self, Claims, ProofContext};
 /// Longest token accepted.
 const MAX_TOKEN: usize = 8 * 1024;
 const REPLAYED: &str = "DPoP proof replayed: its jti was used before";
+
+/// A refusal of the DPoP proof itself (RFC 9449 `invalid_dpop_proof`).
+fn invalid_proof(detail: String) -> AuthorityError {
+    AuthorityError::Dpop {
+        key_binding: false,
+        detail,
+    }
+}
 /// How far in the future a proof's `iat` may be (clock skew).
 const DPOP_MAX_SKEW: i64 = 5;
 
@@ -69,7 +77,9 @@ impl Authority {
             Err(r) => {
                 if matches!(
                     r.error,
-                    AuthorityError::Unauthorized(_) | AuthorityError::Conflict(_)
+                    AuthorityError::Unauthorized(_)
+                        | AuthorityError::Dpop { .. }
+                        | AuthorityError::Conflict(_)
                 ) {
                     let outcome = format!("denied: {}", r.error);
                     let rec = AuditRecord::new(&r.actor, "token.redeem", &r.target, &outcome, remote);
@@ -131,7 +141,7 @@ impl Authority {
         if let Some((id, _)) = &proof
             && self.store.dpop_proof_seen(id).await.map_err(|e| deny(e.into()))?
         {
-            return Err(deny(unauthorized(REPLAYED.into())));
+            return Err(deny(invalid_proof(REPLAYED.into())));
         }
         if row.one_time && status.redeemed_at.is_some() {
             return Err(deny(AuthorityError::Conflict(
@@ -156,10 +166,10 @@ impl Authority {
                         AuthorityError::Conflict("this one-time token has been redeemed already".into())
                     }
                     Refusal::Revoked => unauthorized("token refused: token revoked".into()),
-                    Refusal::DpopReplay
-                    | Refusal::KeyState
-                    | Refusal::EnrollmentUsed
-                    | Refusal::MachineRevoked => unauthorized(REPLAYED.into()),
+                    Refusal::DpopReplay => invalid_proof(REPLAYED.into()),
+                    Refusal::KeyState | Refusal::EnrollmentUsed | Refusal::MachineRevoked => {
+                        unauthorized(REPLAYED.into())
+                    }
                 }));
             }
             Err(e) => return Err(deny(e.into())),
@@ -182,9 +192,8 @@ impl Authority {
         jkt: &str,
         t: i64,
     ) -> Result<(String, i64), AuthorityError> {
-        let unauthorized = AuthorityError::Unauthorized;
         let proof = req.dpop.ok_or_else(|| {
-            unauthorized(
+            invalid_proof(
                 "DPoP proof missing: this token is bound to a key (cnf.jkt) and needs a DPoP header".into(),
             )
         })?;
@@ -196,11 +205,13 @@ impl Authority {
             max_age: self.settings.dpop_max_age,
             max_skew: DPOP_MAX_SKEW,
         };
-        let p = token::verify_proof(proof, &ctx).map_err(|e| unauthorized(e.to_string()))?;
+        let p = token::verify_proof(proof, &ctx).map_err(|e| invalid_proof(e.to_string()))?;
         if p.jkt != jkt {
-            return Err(unauthorized(
-                "DPoP proof is signed by another key: its jwk thumbprint is not the token's cnf.jkt".into(),
-            ));
+            return Err(AuthorityError::Dpop {
+                key_binding: true,
+                detail: "DPoP proof is signed by another key: its jwk thumbprint is not the token's cnf.jkt"
+                    .into(),
+            });
         }
         Ok((
             format!("{}.{}", p.jkt, p.jti),

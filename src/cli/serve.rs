@@ -136,8 +136,16 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     if config.is_embedded() && config.store.url.is_none() && !config.data_dir.join("keygate.db").exists() {
         super::init(&config, false).await?.report();
     }
+    let store_url = crate::store::StoreUrl::parse(&config.store_url())?;
+    if let Some(path) = store_url.sqlite_path()
+        && !std::path::Path::new(path).exists()
+    {
+        anyhow::bail!(
+            "no keygate database at {path}: this data folder was never initialised; run `keygate init` first (with the same configuration)"
+        );
+    }
     super::init::private_files(&config.data_dir);
-    let _single = crate::store::StoreUrl::parse(&config.store_url())?.lock_single_server()?;
+    let _single = store_url.lock_single_server()?;
     // TLS files first: a bad certificate stops the start before the device is opened.
     let tls = match &config.tls {
         Some(files) => Some(crate::api::tls::Tls::load(files).map_err(|e| anyhow::anyhow!(e))?),

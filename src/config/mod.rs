@@ -102,6 +102,32 @@ pub struct Config {
     pub rotation: RotationConfig,
     #[serde(default)]
     pub enroll: EnrollConfig,
+    /// Whether the operator set enrollment up (an `[enroll]` table, `KEYGATE_ENROLL_MODE` or
+    /// `KEYGATE_ENROLL_CA_DIR`): only then is a missing CA folder worth a warning.
+    #[serde(skip)]
+    pub enroll_configured: bool,
+}
+
+/// A serde message with the offending value left out: `invalid type: string "1234",
+/// expected ...` becomes `invalid type: string (value not shown), expected ...`; likewise
+/// `invalid value: ...` and `unknown variant `...``.
+fn hide_values(message: &str) -> String {
+    let mut out = message.to_owned();
+    for lead in ["invalid type: ", "invalid value: ", "unknown variant "] {
+        let Some(start) = out.find(lead).map(|i| i + lead.len()) else {
+            continue;
+        };
+        let end = out[start..].find(", expected").map_or(out.len(), |i| start + i);
+        // keep the kind of value (`string`, `integer`), drop the value itself
+        let kind = out[start..end]
+            .split_once(' ')
+            .map(|(k, _)| k)
+            .filter(|k| k.chars().all(|c| c.is_ascii_alphabetic()))
+            .map(|k| format!("{k} "))
+            .unwrap_or_default();
+        out.replace_range(start..end, &format!("{kind}(value not shown)"));
+    }
+    out
 }
 
 impl Default for Config {
@@ -149,6 +175,7 @@ impl Config {
             }
         }
         if let Ok(m) = std::env::var("KEYGATE_ENROLL_MODE") {
+            cfg.enroll_configured = true;
             cfg.enroll.mode = match m.as_str() {
                 "ek-ca" => EnrollMode::EkCa,
                 "allowlist" => EnrollMode::Allowlist,
@@ -161,6 +188,7 @@ impl Config {
             };
         }
         if let Some(dir) = std::env::var_os("KEYGATE_ENROLL_CA_DIR") {
+            cfg.enroll_configured = true;
             cfg.enroll.ca_dir = PathBuf::from(dir);
         }
         for (var, field) in [
@@ -231,9 +259,27 @@ impl Config {
         Ok(())
     }
 
-    /// Parses TOML text; the error is one line.
+    /// Parses TOML text; the error is one line that names the line of the file and never
+    /// shows a value from it (a PIN typed where a table was expected must not reach a log).
     pub fn parse(text: &str) -> Result<Config, String> {
-        toml::from_str(text).map_err(|e| e.message().replace('\n', " "))
+        let parsed: Result<Config, _> = toml::from_str(text);
+        parsed
+            .map(|mut c| {
+                c.enroll_configured = text
+                    .parse::<toml::Table>()
+                    .is_ok_and(|t| t.contains_key("enroll"));
+                c
+            })
+            .map_err(|e| {
+                let message = hide_values(&e.message().replace('\n', " "));
+                match e.span() {
+                    Some(span) => {
+                        let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                        format!("line {line}: {message}")
+                    }
+                    None => message,
+                }
+            })
     }
 
     /// Refuses conflicting or nonsensical settings.
@@ -463,130 +509,4 @@ impl Config {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn empty_file_gives_embedded_defaults() {
-        let c = Config::parse("").unwrap();
-        assert!(c.is_embedded());
-        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
-        assert_eq!(c.issuer(), "http://127.0.0.1:8080");
-        assert_eq!(c.tokens.leeway_seconds, 5);
-        assert_eq!(c.pkcs11().token_label.as_deref(), Some("keygate"));
-    }
-
-    #[test]
-    fn unknown_fields_are_refused() {
-        let e = Config::parse("lisen = \"127.0.0.1:1\"").unwrap_err();
-        assert!(e.contains("lisen"), "{e}");
-        let e = Config::parse("[pkcs11]\nmodule=\"/x\"\ntoken_label=\"a\"\npin={file=\"/p\"}\nslot=0")
-            .unwrap_err();
-        assert!(e.contains("slot"), "{e}");
-        // a PIN value in the config text is not a thing
-        assert!(Config::parse("[pkcs11]\nmodule=\"/x\"\ntoken_label=\"a\"\npin=\"1234\"").is_err());
-    }
-
-    #[test]
-    fn bad_values_are_refused() {
-        for text in [
-            "[api_tokens]\ndefault_ttl_seconds=0",
-            "[ca]\ncountry=\"Germany\"",
-            "[ca]\nlifetime_days=0",
-            "[pkcs11]\nmodule=\"/x\"\ntoken_label=\"a\"\npin={file=\"/p\"}\nacquire_timeout_ms=0",
-            "[pkcs11]\nmodule=\"/x\"\npin={file=\"/p\"}",
-            "issuer=\"https://x.example/\"",
-        ] {
-            let c = Config::parse(text).unwrap();
-            assert!(c.validate().is_err(), "{text}");
-        }
-        assert!(Config::parse("[store]\nsynchronous=\"off\"").is_err());
-    }
-
-    #[test]
-    fn backend_tables_must_match_the_backend() {
-        let tpm = "backend = \"tpm\"\n[tpm]\ntcti = \"swtpm:host=127.0.0.1,port=2321\"";
-        let c = Config::parse(tpm).unwrap();
-        c.validate().unwrap();
-        assert!(!c.is_embedded());
-        assert_eq!(c.tpm.as_ref().unwrap().handle_base, 0x8101_0100);
-        let no_table = Config::parse("backend = \"tpm\"").unwrap();
-        assert!(no_table.validate().unwrap_err().to_string().contains("[tpm]"));
-        let stray = Config::parse("[tpm]\ntcti = \"device:/dev/tpmrm0\"").unwrap();
-        assert!(stray.validate().unwrap_err().to_string().contains("backend"));
-        let both = format!("{tpm}\n[pkcs11]\nmodule=\"/x\"\ntoken_label=\"a\"\npin={{file=\"/p\"}}");
-        assert!(Config::parse(&both).unwrap().validate().is_err());
-        assert!(Config::parse("backend = \"hsm\"").is_err());
-    }
-
-    #[test]
-    fn store_urls_and_passwords() {
-        let c = Config::parse("").unwrap();
-        assert!(c.store_is_sqlite());
-        assert!(c.store_url().ends_with("keygate-data/keygate.db"));
-        let pg = Config::parse(
-            "[store]\nurl = \"postgres://kg@db:5432/keygate\"\npassword = { env = \"KG_TEST_NO_SUCH_VAR\" }",
-        )
-        .unwrap();
-        pg.validate().unwrap();
-        assert!(!pg.store_is_sqlite());
-        // the password is read when the store is opened, and its absence is one clear line
-        let e = pg.store_options().unwrap_err().to_string();
-        assert!(
-            e.contains("[store] password") && e.contains("KG_TEST_NO_SUCH_VAR"),
-            "{e}"
-        );
-        for bad in [
-            "[store]\nurl = \"mysql://db/x\"",
-            "[store]\nurl = \"sqlite:///x.db\"\npassword = { file = \"/p\" }",
-            "[store]\nmax_connections = 0",
-        ] {
-            assert!(Config::parse(bad).unwrap().validate().is_err(), "{bad}");
-        }
-        // a password in the URL never shows in an error
-        let e = Config::parse("[store]\nurl = \"postgresql://kg:s3cret@db/x?sslmode=nonsense\"")
-            .unwrap()
-            .store_options()
-            .map(|_| ())
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
-        assert!(!e.contains("s3cret"), "{e}");
-    }
-
-    #[test]
-    fn every_override_is_listed_once() {
-        let vars: std::collections::BTreeSet<_> = ENV_OVERRIDES.iter().map(|(v, _)| *v).collect();
-        assert_eq!(vars.len(), ENV_OVERRIDES.len());
-        let text = include_str!("mod.rs");
-        // KEYGATE_CONFIG is read by the command line (clap), before any file is.
-        for (var, _) in ENV_OVERRIDES.iter().filter(|(_, f)| !f.starts_with('(')) {
-            assert!(
-                text.matches(&format!("\"{var}\"")).count() >= 2,
-                "{var} is listed but never read"
-            );
-        }
-    }
-
-    #[test]
-    fn conflicting_ttls_are_refused() {
-        let c = Config::parse("[tokens]\ndefault_ttl_seconds=100\nmax_ttl_seconds=10").unwrap();
-        assert!(c.validate().unwrap_err().to_string().contains("exceeds"));
-    }
-
-    #[test]
-    fn reference_configs_parse() {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/hsm-config");
-        let mut n = 0;
-        for entry in std::fs::read_dir(dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.extension().is_some_and(|e| e == "toml") {
-                let text = std::fs::read_to_string(&path).unwrap();
-                let c = Config::parse(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-                c.validate().unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-                n += 1;
-            }
-        }
-        assert!(n >= 5, "expected the reference configs, found {n}");
-    }
-}
+mod tests;
