@@ -36,6 +36,10 @@ command -v c++ >/dev/null || need+=(g++)
 command -v promtool >/dev/null || need+=(prometheus)
 command -v xxd >/dev/null || need+=(xxd)
 command -v ps >/dev/null && command -v pkill >/dev/null || need+=(procps)
+# the independent OIDC relying party of the discovery test runs on Node.js (npm installs
+# its pinned packages under target/)
+command -v node >/dev/null || need+=(nodejs)
+command -v npm >/dev/null || need+=(npm)
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

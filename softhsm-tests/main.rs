@@ -11,6 +11,7 @@ mod auth;
 mod badinput;
 mod cli;
 mod connections;
+mod ecosystem;
 mod enroll;
 mod faults;
 mod hostile;

@@ -222,6 +222,27 @@ pub struct Configuration {
     pub introspection_endpoint: String,
 }
 
+/// GET /.well-known/openid-configuration: OpenID Connect Discovery 1.0 metadata, so JWT
+/// middleware that starts from an issuer URL (Kubernetes, Envoy `jwt_authn`, oauth2-proxy,
+/// `jose.createRemoteJWKSet` after discovery) finds the keys. keygate signs JWTs but runs no
+/// login: there is no `authorization_endpoint`, and `response_types_supported` is
+/// `["id_token"]` as for a Kubernetes service-account issuer.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct OidcConfiguration {
+    pub issuer: String,
+    pub jwks_uri: String,
+    pub response_types_supported: Vec<String>,
+    pub subject_types_supported: Vec<String>,
+    pub id_token_signing_alg_values_supported: Vec<String>,
+    pub claims_supported: Vec<String>,
+    /// RFC 7662 introspection (needs an API token with `tokens:read`).
+    pub introspection_endpoint: String,
+    /// RFC 9449 §5.1: the algorithms keygate accepts in DPoP proofs.
+    pub dpop_signing_alg_values_supported: Vec<String>,
+    /// keygate's own discovery document, with every endpoint.
+    pub keygate_configuration_uri: String,
+}
+
 /// GET /readyz, /healthz
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Status {

@@ -148,6 +148,7 @@ pub fn router(state: AppState) -> Router {
         .merge(open)
         .route("/.well-known/jwks.json", get(public::jwks))
         .route("/.well-known/keygate-configuration", get(public::configuration))
+        .route("/.well-known/openid-configuration", get(public::openid_configuration))
         .route("/healthz", get(public::healthz))
         .route("/readyz", get(public::readyz))
         .route("/metrics", get(public::metrics))

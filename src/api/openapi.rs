@@ -32,7 +32,7 @@ impl Modify for BearerAuth {
 #[openapi(
     info(title = "keygate", description = "Hardware-backed issuer of provisioning tokens (see docs/api-notes.md)"),
     paths(
-        public::jwks, public::configuration, public::healthz, public::readyz, public::metrics, public::openapi,
+        public::jwks, public::configuration, public::openid_configuration, public::healthz, public::readyz, public::metrics, public::openapi,
         operator::issue_token, operator::introspect, operator::list_keys,
         operator::create_api_token, operator::list_api_tokens, operator::delete_api_token,
         operator::audit, operator::revoke, operator::revocations,
@@ -46,7 +46,7 @@ impl Modify for BearerAuth {
         AuditPage, AuditEntryView, CheckpointView, RevokeRequest, RevokeResponse,
         RotateRequest, RedeemRequestBody, RedeemResponse,
         EnrollChallengeRequest, EnrollChallengeResponse, EnrollCompleteRequest, EnrollCompleteResponse,
-        RegisterMachineRequest, MachineView, ConfirmationView,
+        RegisterMachineRequest, MachineView, ConfirmationView, OidcConfiguration,
     )),
     modifiers(&BearerAuth),
 )]

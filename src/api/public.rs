@@ -8,7 +8,7 @@ use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 
 use super::AppState;
-use super::dto::{Configuration, Status};
+use super::dto::{Configuration, OidcConfiguration, Status};
 use super::error::{ApiError, Problem};
 
 /// Default `Cache-Control: max-age` of the JWKS (the HTTP contract: at most 300); configurable as
@@ -51,6 +51,38 @@ pub async fn configuration(State(st): State<AppState>) -> Json<Configuration> {
         enroll_endpoint: format!("{b}/v1/enroll/challenge"),
         introspection_endpoint: format!("{b}/v1/tokens/introspect"),
     })
+}
+
+/// OpenID Connect Discovery 1.0 metadata (issuer, JWKS, algorithms) for JWT middleware
+/// that starts from the issuer URL. Its `issuer` is the `issuer` setting: discovery works
+/// when that is the URL this document is served under (the default).
+#[utoipa::path(get, path = "/.well-known/openid-configuration", tag = "public",
+    responses((status = 200, body = OidcConfiguration)))]
+pub async fn openid_configuration(State(st): State<AppState>) -> Response {
+    let b = &st.base_url;
+    let strings = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    let doc = OidcConfiguration {
+        issuer: st.authority.settings().issuer.clone(),
+        jwks_uri: format!("{b}/.well-known/jwks.json"),
+        response_types_supported: strings(&["id_token"]),
+        subject_types_supported: strings(&["public"]),
+        id_token_signing_alg_values_supported: strings(&["ES256"]),
+        claims_supported: strings(&[
+            "iss", "sub", "aud", "exp", "nbf", "iat", "jti", "scope", "cnf", "one_time",
+        ]),
+        introspection_endpoint: format!("{b}/v1/tokens/introspect"),
+        dpop_signing_alg_values_supported: strings(&["ES256"]),
+        keygate_configuration_uri: format!("{b}/.well-known/keygate-configuration"),
+    };
+    let mut res = Json(doc).into_response();
+    // like the JWKS: middleware caches it, and it changes only with the configuration
+    if let Ok(v) = HeaderValue::from_str(&format!(
+        "public, max-age={}",
+        st.authority.settings().jwks_max_age
+    )) {
+        res.headers_mut().insert(header::CACHE_CONTROL, v);
+    }
+    res
 }
 
 /// 200 while the process is up.
