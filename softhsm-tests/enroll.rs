@@ -130,14 +130,20 @@ async fn the_tpm2_tools_script_enrolls_rsa_and_ecc_eks_and_the_results_verify() 
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/enroll/tpm2-tools-enroll.sh");
     let dir = env.dir.path();
     let verifier = ca_and_verifier(&env, &base).await;
-    for (kind, nv_cert) in [("rsa", "ek-rsa2048.crt"), ("ecc", "ek-secp384r1.crt")] {
+    // the EK names of `keygate enroll --ek`; the second server address without a scheme, as
+    // `--server` takes it
+    let bare = base.trim_start_matches("http://").to_owned();
+    for (kind, nv_cert, server) in [
+        ("rsa2048", "ek-rsa2048.crt", &base),
+        ("p384", "ek-secp384r1.crt", &bare),
+    ] {
         let out = dir.join(kind);
         // A relative output folder, as a person would type it.
         let run = Command::new("bash")
             .current_dir(dir)
             .arg(&script)
             .args(["-e", kind, "-o", kind])
-            .arg(&base)
+            .arg(server)
             .env("TPM2TOOLS_TCTI", tpm.tcti())
             .output()
             .unwrap();
@@ -146,6 +152,12 @@ async fn the_tpm2_tools_script_enrolls_rsa_and_ecc_eks_and_the_results_verify() 
             "{kind}: {}",
             String::from_utf8_lossy(&run.stderr)
         );
+        // The secrets are the owner's only, as `keygate enroll` writes them.
+        for f in ["token", "ak.priv"] {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(out.join(f)).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{kind}: {f}");
+        }
         // The token verifies offline; its sub is the URN of the EK hash, which is the SHA-256
         // of the EK certificate's public key as openssl encodes it.
         let token = std::fs::read_to_string(out.join("token")).unwrap();

@@ -10,6 +10,7 @@ mod audit;
 mod auth;
 mod badinput;
 mod cli;
+mod cli_full;
 mod connections;
 mod ecosystem;
 mod enroll;

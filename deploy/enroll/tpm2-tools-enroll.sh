@@ -2,37 +2,48 @@
 # Enrolls this machine with keygate using only stock tpm2-tools and curl (plus coreutils):
 # the same protocol `keygate enroll` speaks (the HTTP contract, "Attestation-gated enrollment").
 #
-#   tpm2-tools-enroll.sh [-e rsa|ecc|ecc256] [-o OUTDIR] [-l PCRS] SERVER_URL
+#   tpm2-tools-enroll.sh [-e rsa2048|p256|p384] [-o OUTDIR] SERVER_URL
 #
-#   -e  which EK: rsa (RSA-2048, EK certificate in NV 0x01c00002; the default), ecc (NIST
-#       P-384, the TCG high-range template, NV 0x01c00016) or ecc256 (P-256, NV 0x01c0000a)
-#   -o  where to write `token`, `certificate.pem` (AK certificate, then the CA) and the AK
-#       (`ak.pub`, `ak.priv`, loadable again under the EK); default: the current folder
+#   -e  which EK, named as `keygate enroll --ek` names it: rsa2048 (RSA-2048, EK certificate
+#       in NV 0x01c00002; the default), p256 (NIST P-256, NV 0x01c0000a) or p384 (NIST P-384,
+#       the TCG high-range template, NV 0x01c00016). The older names rsa, ecc256 and ecc
+#       (P-384) are still accepted.
+#   -o  where to write `token` and `ak.priv` (both 0600), `certificate.pem` (AK certificate,
+#       then the CA) and `ak.pub` (with ak.priv, loadable again under the EK); default: the
+#       current folder
 #   The TPM comes from TPM2TOOLS_TCTI (for example device:/dev/tpmrm0, or
-#   swtpm:host=127.0.0.1,port=2321). The PCRs to quote come from the server's challenge.
+#   swtpm:host=127.0.0.1,port=2321). The PCRs to quote are the ones the server's challenge
+#   names (its [enroll] pcr_selection): there is no option for them here.
 #
 # Exit status 0 on success; otherwise one line on stderr naming the step that failed and,
 # for a refusal, the server's problem detail.
 set -euo pipefail
 
-ek_kind=rsa
+ek_kind=rsa2048
 out=.
 while getopts "e:o:h" opt; do
   case $opt in
     e) ek_kind=$OPTARG ;;
     o) out=$OPTARG ;;
-    *) sed -n '2,16p' "$0" >&2; exit 2 ;;
+    *) sed -n '2,20p' "$0" >&2; exit 2 ;;
   esac
 done
 shift $((OPTIND - 1))
-[ $# -eq 1 ] || { echo "usage: $0 [-e rsa|ecc|ecc256] [-o OUTDIR] SERVER_URL" >&2; exit 2; }
+[ $# -eq 1 ] || { echo "usage: $0 [-e rsa2048|p256|p384] [-o OUTDIR] SERVER_URL" >&2; exit 2; }
 server=${1%/}
+# like `keygate enroll --server`: host:port alone means http on loopback, https elsewhere
+case $server in
+  http://* | https://*) ;;
+  localhost:* | 127.* | \[::1\]*) server=http://$server ;;
+  *://*) echo "enroll: $server: the scheme must be http or https" >&2; exit 2 ;;
+  *) server=https://$server ;;
+esac
 
 case $ek_kind in
-  rsa) ek_alg=rsa; ek_nv=0x01c00002; session_hash=sha256 ;;
-  ecc) ek_alg=ecc384; ek_nv=0x01c00016; session_hash=sha384 ;;
-  ecc256) ek_alg=ecc; ek_nv=0x01c0000a; session_hash=sha256 ;;
-  *) echo "enroll: -e must be rsa, ecc or ecc256" >&2; exit 2 ;;
+  rsa2048 | rsa) ek_kind=rsa2048; ek_alg=rsa; ek_nv=0x01c00002; session_hash=sha256 ;;
+  p384 | ecc) ek_kind=p384; ek_alg=ecc384; ek_nv=0x01c00016; session_hash=sha384 ;;
+  p256 | ecc256) ek_kind=p256; ek_alg=ecc; ek_nv=0x01c0000a; session_hash=sha256 ;;
+  *) echo "enroll: -e must be rsa2048, p256 or p384" >&2; exit 2 ;;
 esac
 # TCG EK Credential Profile 2.x: the high-range (SHA-384) EK's policy is
 # PolicyOR(PolicyA_SHA384 = PolicySecret(endorsement), PolicyC_SHA384).
@@ -94,7 +105,7 @@ selection=$(field pcr_selection < answer.json)
 # 4. ActivateCredential: only the TPM holding this EK recovers the secret, and only for this AK.
 tpm tpm2_startauthsession --policy-session -g "$session_hash" -S session.ctx
 tpm2_policysecret -S session.ctx -c e >tool.log 2>&1 || fail "tpm2_policysecret failed: $(tail -n 1 tool.log)"
-if [ "$ek_kind" = ecc ]; then
+if [ "$ek_kind" = p384 ]; then
   printf '%s' "$policy_a_sha384" | unhex > policy_a
   printf '%s' "$policy_c_sha384" | unhex > policy_c
   tpm2_policyor -S session.ctx -l "sha384:policy_a,policy_c" >tool.log 2>&1 ||
@@ -121,7 +132,9 @@ done
 post /v1/enroll/complete "{\"enrollment_id\":\"$id\",\"secret\":\"$(b64 secret.bin)\",\"quote\":\"$(b64 quote.msg)\",\"signature\":\"$(b64 quote.sig)\",\"pcrs\":{\"$bank\":{$pcrs}}}"
 token=$(field token < answer.json)
 [ -n "$token" ] || fail "the completion answer has no token"
-(umask 077 && printf '%s\n' "$token" > "$out/token")
+(umask 077 && printf '%s\n' "$token" > "$out/token" && cp ak.priv "$out/ak.priv")
+# cp keeps an existing file's mode: make sure of 0600 even over an older ak.priv
+chmod 600 "$out/token" "$out/ak.priv"
 printf '%b' "$(field certificate < answer.json)" > "$out/certificate.pem"
-cp ak.pub ak.priv "$out/"
+cp ak.pub "$out/"
 echo "enrolled as $(field subject < answer.json); token in $out/token, certificate in $out/certificate.pem"

@@ -27,6 +27,7 @@ use tower_http::trace::TraceLayer;
 use tracing::Span;
 
 pub use dto::*;
+pub use enroll::MachineView;
 pub use error::{ApiError, Problem};
 pub use public::JWKS_MAX_AGE;
 

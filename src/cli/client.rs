@@ -1,54 +1,151 @@
-//! CLI commands that talk to a keygate server over HTTP.
+//! The HTTP client the CLI commands share: the server address as users type it, the API
+//! token, and one-line errors from problem documents.
 
 use anyhow::{Context, bail};
-use clap::Args;
+use serde::de::DeserializeOwned;
 use zeroize::Zeroizing;
 
 use super::ClientArgs;
-use crate::api::{IssueTokenResponse, KeyView, Problem};
+use crate::api::Problem;
 
-#[derive(Debug, Args)]
-pub struct IssueArgs {
-    #[command(flatten)]
-    pub client: ClientArgs,
-    /// `sub` of the token.
-    #[arg(long)]
-    pub subject: String,
-    /// `aud` of the token.
-    #[arg(long)]
-    pub audience: String,
-    /// Lifetime in seconds (default: the server's).
-    #[arg(long)]
-    pub ttl: Option<u64>,
-    /// A scope; repeat for more.
-    #[arg(long = "scope")]
-    pub scopes: Vec<String>,
-    /// The token may be redeemed once only.
-    #[arg(long)]
-    pub one_time: bool,
-    /// Bind the token to this RFC 7638 JWK thumbprint (cnf.jkt).
-    #[arg(long)]
-    pub cnf_jkt: Option<String>,
-    /// Print the full JSON answer instead of the token alone.
-    #[arg(long)]
-    pub json: bool,
+/// The base URL for `--server`: a URL as given (http or https), or a bare `host[:port]`,
+/// which means `http://` on a loopback address (keygate's default listen address serves
+/// plain HTTP there) and `https://` anywhere else.
+pub fn server_url(server: &str) -> anyhow::Result<String> {
+    let s = server.trim().trim_end_matches('/');
+    if s.is_empty() {
+        bail!("--server is empty: give a URL like https://keygate.example.com or 127.0.0.1:8080");
+    }
+    let full = match s.split_once("://") {
+        Some((scheme, _)) if scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https") => {
+            s.to_owned()
+        }
+        Some((scheme, _)) => bail!("--server {s:?}: the scheme {scheme:?} is not http or https"),
+        None => {
+            let host = s.split('/').next().unwrap_or(s);
+            let host = match host.rsplit_once(':') {
+                Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+                _ => host,
+            };
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let loopback = host.eq_ignore_ascii_case("localhost")
+                || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+            format!("{}://{s}", if loopback { "http" } else { "https" })
+        }
+    };
+    let url = reqwest::Url::parse(&full).map_err(|e| anyhow::anyhow!("--server {s:?} is not a URL: {e}"))?;
+    if url.host_str().is_none_or(str::is_empty) {
+        bail!("--server {s:?} names no host");
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        bail!("--server {s:?}: give the base URL only, without ? or #");
+    }
+    Ok(full)
+}
+
+/// A keygate server, and the API token when the command needs one.
+pub struct Api {
+    base: String,
+    http: reqwest::Client,
+    token: Option<Zeroizing<String>>,
+}
+
+impl Api {
+    /// A client that sends the API token (from `--token-file` or `KEYGATE_TOKEN`).
+    pub fn new(c: &ClientArgs) -> anyhow::Result<Api> {
+        let mut api = Api::anonymous(&c.server)?;
+        api.token = Some(api_token(c)?);
+        Ok(api)
+    }
+
+    /// A client for the endpoints that need no API token (redemption, discovery).
+    pub fn anonymous(server: &str) -> anyhow::Result<Api> {
+        Ok(Api {
+            base: server_url(server)?,
+            http: reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(30))
+                .build()?,
+            token: None,
+        })
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let r = self.http.request(method, self.url(path));
+        match &self.token {
+            Some(t) => r.bearer_auth(t.as_str()),
+            None => r,
+        }
+    }
+
+    /// Sends `r` (built on [`Api::request`] for `path`) and turns a refusal into one line.
+    pub async fn send(&self, path: &str, r: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
+        let res = r
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {}", self.url(path)))?;
+        check(res).await
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        let res = self.send(path, self.request(reqwest::Method::GET, path)).await?;
+        decode(res).await
+    }
+
+    pub async fn post<T: DeserializeOwned>(&self, path: &str, body: &serde_json::Value) -> anyhow::Result<T> {
+        let res = self
+            .send(path, self.request(reqwest::Method::POST, path).json(body))
+            .await?;
+        decode(res).await
+    }
+
+    /// POST with extra headers (a DPoP proof).
+    pub async fn post_with<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<T> {
+        let mut r = self.request(reqwest::Method::POST, path).json(body);
+        for (k, v) in headers {
+            r = r.header(*k, *v);
+        }
+        decode(self.send(path, r).await?).await
+    }
+
+    /// POST as an HTML form (RFC 7662 introspection).
+    pub async fn post_form<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        form: &[(&str, &str)],
+    ) -> anyhow::Result<T> {
+        let res = self
+            .send(path, self.request(reqwest::Method::POST, path).form(form))
+            .await?;
+        decode(res).await
+    }
+
+    pub async fn delete(&self, path: &str) -> anyhow::Result<()> {
+        self.send(path, self.request(reqwest::Method::DELETE, path))
+            .await?;
+        Ok(())
+    }
 }
 
 fn api_token(c: &ClientArgs) -> anyhow::Result<Zeroizing<String>> {
     if let Some(path) = &c.token_file {
-        let s = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let s = Zeroizing::new(
+            std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?,
+        );
         return Ok(Zeroizing::new(s.trim().to_owned()));
     }
     match std::env::var("KEYGATE_TOKEN") {
         Ok(s) if !s.is_empty() => Ok(Zeroizing::new(s)),
         _ => bail!("no API token: set KEYGATE_TOKEN or pass --token-file"),
     }
-}
-
-fn http() -> anyhow::Result<reqwest::Client> {
-    Ok(reqwest::Client::builder()
-        .timeout(std::time::Duration::from_secs(30))
-        .build()?)
 }
 
 /// Turns a non-2xx answer into a one-line error from its problem document.
@@ -63,100 +160,83 @@ async fn check(res: reqwest::Response) -> anyhow::Result<reqwest::Response> {
     }
 }
 
-pub async fn issue(a: IssueArgs) -> anyhow::Result<()> {
-    let token = api_token(&a.client)?;
-    let mut body = serde_json::json!({ "subject": a.subject, "audience": a.audience });
-    if let Some(t) = a.ttl {
-        body["ttl_seconds"] = t.into();
-    }
-    if !a.scopes.is_empty() {
-        body["scopes"] = a.scopes.clone().into();
-    }
-    if a.one_time {
-        body["one_time"] = true.into();
-    }
-    if let Some(j) = &a.cnf_jkt {
-        body["cnf_jkt"] = j.clone().into();
-    }
-    let url = format!("{}/v1/tokens", a.client.server.trim_end_matches('/'));
-    let res = http()?
-        .post(&url)
-        .bearer_auth(token.as_str())
-        .json(&body)
-        .send()
+async fn decode<T: DeserializeOwned>(res: reqwest::Response) -> anyhow::Result<T> {
+    let url = res.url().to_string();
+    let text = res
+        .text()
         .await
-        .with_context(|| format!("cannot reach {url}"))?;
-    let out: IssueTokenResponse = check(res).await?.json().await?;
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&out)?);
-    } else {
-        println!("{}", out.token);
-    }
-    Ok(())
+        .with_context(|| format!("cannot read the answer of {url}"))?;
+    // 204 and the like: a unit type reads `null`
+    let text = if text.trim().is_empty() { "null" } else { &text };
+    serde_json::from_str(text).with_context(|| format!("unexpected answer from {url}"))
 }
 
-pub async fn list_keys(c: ClientArgs, json: bool) -> anyhow::Result<()> {
-    let token = api_token(&c)?;
-    let url = format!("{}/v1/keys", c.server.trim_end_matches('/'));
-    let res = http()?
-        .get(&url)
-        .bearer_auth(token.as_str())
-        .send()
-        .await
-        .with_context(|| format!("cannot reach {url}"))?;
-    let keys: Vec<KeyView> = check(res).await?.json().await?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&keys)?);
-        return Ok(());
+/// A value given on the command line, or `-` for standard input (trimmed).
+pub fn arg_or_stdin(value: &str, what: &str) -> anyhow::Result<Zeroizing<String>> {
+    if value != "-" {
+        return Ok(Zeroizing::new(value.trim().to_owned()));
     }
-    println!(
-        "{:<44} {:<9} {:<8} {:<21} URI",
-        "KID", "STATE", "BACKEND", "CREATED"
-    );
-    for k in keys {
-        println!(
-            "{:<44} {:<9} {:<8} {:<21} {}",
-            k.kid, k.state, k.backend, k.created_at, k.uri
-        );
+    let mut s = Zeroizing::new(String::new());
+    std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+        .with_context(|| format!("cannot read the {what} from standard input"))?;
+    let t = Zeroizing::new(s.trim().to_owned());
+    if t.is_empty() {
+        bail!("no {what} on standard input");
     }
-    Ok(())
+    Ok(t)
 }
 
-pub async fn rotate_key(c: ClientArgs, activate_now: bool) -> anyhow::Result<()> {
-    let token = api_token(&c)?;
-    let url = format!("{}/v1/keys/rotate", c.server.trim_end_matches('/'));
-    let res = http()?
-        .post(&url)
-        .bearer_auth(token.as_str())
-        .json(&serde_json::json!({ "activate_now": activate_now }))
-        .send()
-        .await
-        .with_context(|| format!("cannot reach {url}"))?;
-    let k: KeyView = check(res).await?.json().await?;
-    match (&k.state[..], &k.activate_at) {
-        ("next", Some(at)) => println!("{} next (published now, signs from {at})", k.kid),
-        _ => println!("{} {}", k.kid, k.state),
+/// Prints `rows` under `header` in columns as wide as their widest cell.
+pub fn table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
     }
-    Ok(())
+    let line = |cells: Vec<&str>| {
+        let mut out = String::new();
+        for (i, (c, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                out.push_str(c);
+            } else {
+                out.push_str(&format!("{c:<w$}  "));
+            }
+        }
+        println!("{}", out.trim_end());
+    };
+    line(header.to_vec());
+    for r in rows {
+        line(r.iter().map(String::as_str).collect());
+    }
 }
 
-pub async fn destroy_key(c: ClientArgs, kid: &str) -> anyhow::Result<()> {
-    let token = api_token(&c)?;
-    if kid.is_empty()
-        || !kid
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    {
-        bail!("{kid:?} is not a kid (base64url RFC 7638 thumbprint)");
+#[cfg(test)]
+mod tests {
+    use super::server_url;
+
+    #[test]
+    fn server_addresses_as_users_type_them() {
+        for (given, want) in [
+            ("127.0.0.1:8080", "http://127.0.0.1:8080"),
+            ("localhost:8080/", "http://localhost:8080"),
+            ("[::1]:8080", "http://[::1]:8080"),
+            ("keygate.example.com", "https://keygate.example.com"),
+            ("keygate.example.com:8443", "https://keygate.example.com:8443"),
+            ("HTTPS://k.example.com/", "HTTPS://k.example.com"),
+            ("http://10.0.0.5:8080", "http://10.0.0.5:8080"),
+        ] {
+            assert_eq!(server_url(given).unwrap(), want, "{given}");
+        }
+        for (given, why) in [
+            ("", "empty"),
+            ("ftp://x", "not http or https"),
+            ("http://", "not a URL"),
+            ("http://x?y=1", "base URL only"),
+            ("a b:80", "not a URL"),
+        ] {
+            let e = server_url(given).unwrap_err().to_string();
+            assert!(e.contains(why), "{given}: {e}");
+        }
     }
-    let url = format!("{}/v1/keys/{kid}", c.server.trim_end_matches('/'));
-    let res = http()?
-        .delete(&url)
-        .bearer_auth(token.as_str())
-        .send()
-        .await
-        .with_context(|| format!("cannot reach {url}"))?;
-    check(res).await?;
-    println!("{kid} destroyed");
-    Ok(())
 }

@@ -125,7 +125,8 @@ pub async fn run(args: EnrollArgs) -> anyhow::Result<()> {
 
 fn enroll_blocking(rt: &tokio::runtime::Handle, args: &EnrollArgs) -> anyhow::Result<String> {
     std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
-    let server = args.server.trim_end_matches('/');
+    let server = super::client::server_url(&args.server)?;
+    let server = server.as_str();
     let http = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(30))
         .build()

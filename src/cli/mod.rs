@@ -1,15 +1,17 @@
 //! Command line (clap). `anyhow` lives here and in `main.rs` only.
 
+mod admin;
 mod audit;
 mod bench;
-
 mod client;
+mod config_check;
 mod enroll;
 mod enroll_tpm;
 mod init;
 pub mod logging;
 mod periodic;
 mod serve;
+mod tokens;
 mod verify;
 
 use std::path::PathBuf;
@@ -47,9 +49,15 @@ pub enum Command {
     },
     /// Run the HTTP service.
     Serve,
-    /// Provisioning tokens (through the HTTP API).
+    /// Provisioning tokens: issue, revoke, introspect, redeem (HTTP API), inspect (offline).
     #[command(subcommand)]
-    Token(TokenCommand),
+    Token(tokens::TokenCommand),
+    /// Operator API tokens (through the HTTP API).
+    #[command(subcommand, name = "api-token")]
+    ApiToken(admin::ApiTokenCommand),
+    /// Machines allowed to enroll with their TPM (through the HTTP API).
+    #[command(subcommand)]
+    Machines(admin::MachinesCommand),
     /// Signing keys (through the HTTP API).
     #[command(subcommand)]
     Keys(KeysCommand),
@@ -63,12 +71,36 @@ pub enum Command {
     /// Enroll this machine: prove with its TPM (EK, AK, credential activation, quote) that it
     /// is genuine, and receive a provisioning token and an AK certificate.
     Enroll(enroll::EnrollArgs),
+    /// Configuration files.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to standard
+    /// output, e.g. `keygate completions bash > /etc/bash_completion.d/keygate`.
+    Completions { shell: clap_complete::Shell },
+    /// Write the man pages (keygate.1 and one per subcommand) into a folder.
+    Man {
+        /// The folder (created if missing).
+        #[arg(long, default_value = ".")]
+        out_dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate a configuration and print what `keygate serve` would use (device, store,
+    /// addresses, TLS, enrollment) without opening the device or the database. Exit 1 with
+    /// one line when it is invalid.
+    Check {
+        /// The file (default: --config / KEYGATE_CONFIG, or the embedded defaults).
+        file: Option<PathBuf>,
+    },
 }
 
 /// Where the server is and which API token to use.
 #[derive(Debug, Clone, Args)]
 pub struct ClientArgs {
-    /// Base URL of the keygate server.
+    /// The keygate server: a URL, or host:port (http:// on a loopback address, https://
+    /// elsewhere).
     #[arg(long, env = "KEYGATE_ADDR", default_value = "http://127.0.0.1:8080")]
     pub server: String,
     /// File holding the API token (else the KEYGATE_TOKEN environment variable).
@@ -77,16 +109,24 @@ pub struct ClientArgs {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum TokenCommand {
-    /// Issue a provisioning token (scope tokens:issue); prints the token.
-    Issue(client::IssueArgs),
-}
-
-#[derive(Debug, Subcommand)]
 pub enum AuditCommand {
     /// Check the hash chain and the signed checkpoints of the configured store offline;
     /// exit 1 with one line naming the first bad entry.
     Verify(audit::VerifyArgs),
+    /// List audit entries over the HTTP API (scope audit:read), oldest first.
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Entries with a seq above this one.
+        #[arg(long, default_value_t = 0)]
+        after: i64,
+        /// At most this many (1 to 1000).
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(i64).range(1..=1000))]
+        limit: i64,
+        /// The full page as JSON, checkpoints included.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -131,15 +171,42 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Serve => serve::serve(config).await,
-        Command::Token(TokenCommand::Issue(args)) => client::issue(args).await,
-        Command::Keys(KeysCommand::List { client, json }) => client::list_keys(client, json).await,
+        Command::Token(cmd) => tokens::run(cmd).await,
+        Command::ApiToken(cmd) => admin::api_tokens(cmd).await,
+        Command::Machines(cmd) => admin::machines(cmd).await,
+        Command::Keys(KeysCommand::List { client, json }) => admin::list_keys(client, json).await,
         Command::Keys(KeysCommand::Rotate { client, activate_now }) => {
-            client::rotate_key(client, activate_now).await
+            admin::rotate_key(client, activate_now).await
         }
-        Command::Keys(KeysCommand::Destroy { client, kid }) => client::destroy_key(client, &kid).await,
+        Command::Keys(KeysCommand::Destroy { client, kid }) => admin::destroy_key(client, &kid).await,
         Command::Verify(args) => verify::run(args, &config).await,
         Command::Bench(args) => bench::run(args, config).await,
         Command::Audit(AuditCommand::Verify(args)) => audit::verify(args, &config).await,
+        Command::Audit(AuditCommand::List {
+            client,
+            after,
+            limit,
+            json,
+        }) => admin::audit_list(client, after, limit, json).await,
         Command::Enroll(args) => enroll::run(args).await,
+        Command::Config(ConfigCommand::Check { file }) => {
+            // validated on load (by main, or here for another file)
+            match file {
+                Some(f) => config_check::report(&Config::load(Some(&f))?, Some(&f)),
+                None => config_check::report(&config, cli.config.as_deref()),
+            }
+        }
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "keygate", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man { out_dir } => {
+            std::fs::create_dir_all(&out_dir)?;
+            let cmd = <Cli as clap::CommandFactory>::command();
+            clap_mangen::generate_to(cmd, &out_dir)?;
+            println!("man pages written to {}", out_dir.display());
+            Ok(())
+        }
     }
 }

@@ -11,9 +11,10 @@ use crate::token::{JwkSet, Verifier, VerifierConfig};
 
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
-    /// JWKS location: an http(s) URL or a file path.
+    /// JWKS location: an http(s) URL or a file path. Without it, the JWKS is the one the
+    /// issuer's OpenID Connect discovery document names (`<issuer>/.well-known/openid-configuration`).
     #[arg(long)]
-    pub jwks: String,
+    pub jwks: Option<String>,
     /// Expected issuer (`iss`).
     #[arg(long)]
     pub issuer: String,
@@ -60,6 +61,33 @@ pub async fn load_text(location: &str, what: &str) -> anyhow::Result<String> {
     )
 }
 
+/// The `jwks_uri` of `issuer`'s OpenID Connect discovery document, after checking that the
+/// document speaks for that issuer (OpenID Connect Discovery 1.0 §4.3).
+pub async fn discover_jwks(issuer: &str) -> anyhow::Result<String> {
+    if !(issuer.starts_with("https://") || issuer.starts_with("http://")) {
+        anyhow::bail!("--issuer {issuer:?} is not a URL, so its JWKS cannot be discovered: pass --jwks");
+    }
+    let url = format!(
+        "{}/.well-known/openid-configuration",
+        issuer.trim_end_matches('/')
+    );
+    let text = load_text(&url, "discovery document").await?;
+    #[derive(serde::Deserialize)]
+    struct Discovery {
+        issuer: String,
+        jwks_uri: String,
+    }
+    let d: Discovery = serde_json::from_str(&text)
+        .with_context(|| format!("{url} is not an OpenID Connect discovery document"))?;
+    if d.issuer != issuer {
+        anyhow::bail!("{url} speaks for issuer {:?}, not {issuer:?}", d.issuer);
+    }
+    if !(d.jwks_uri.starts_with("https://") || d.jwks_uri.starts_with("http://")) {
+        anyhow::bail!("{url} names a jwks_uri that is not an http(s) URL");
+    }
+    Ok(d.jwks_uri)
+}
+
 pub async fn run(a: VerifyArgs, config: &Config) -> anyhow::Result<()> {
     let token = if a.token == "-" {
         let mut s = Zeroizing::new(String::new());
@@ -70,7 +98,10 @@ pub async fn run(a: VerifyArgs, config: &Config) -> anyhow::Result<()> {
     } else {
         Zeroizing::new(a.token.trim().to_owned())
     };
-    let jwks = load_jwks(&a.jwks).await?;
+    let jwks = match &a.jwks {
+        Some(location) => load_jwks(location).await?,
+        None => load_jwks(&discover_jwks(&a.issuer).await?).await?,
+    };
     let mut cfg = VerifierConfig::new(a.issuer, a.audience);
     cfg.leeway_seconds = a.leeway.unwrap_or(config.tokens.leeway_seconds);
     let verifier = Verifier::new(&jwks, cfg)?;
