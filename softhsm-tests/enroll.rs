@@ -520,6 +520,22 @@ async fn allowlist_mode_needs_a_registered_ek_and_revoking_a_machine_revokes_its
         (json!(false), json!(true)),
         "{i}"
     );
+    // the signed revocation list says why (the machine was revoked)
+    let list_jws = reqwest::get(format!("{base}/v1/revocations"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let set = crate::common::jwks(&base).await;
+    let v = keygate::token::Verifier::new(
+        &set,
+        keygate::token::VerifierConfig::new(env.config.issuer(), "x"),
+    )
+    .unwrap();
+    let list = v.verify_revocations(&list_jws).unwrap();
+    assert_eq!(list.revoked.len(), 1);
+    assert_eq!(list.revoked[0].reason.as_deref(), Some("machine revoked"));
     refused(
         post(&base, "/v1/enroll/challenge", &challenge_body(&c, "ak")).await,
         403,

@@ -23,6 +23,7 @@ mod process;
 mod redeem;
 mod replicas;
 mod revocation;
+mod revocation_details;
 mod rotation;
 mod standards;
 mod stream;

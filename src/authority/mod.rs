@@ -81,6 +81,8 @@ pub struct Settings {
     pub rotate_every: i64,
     pub publish_lead: i64,
     pub jwks_max_age: u64,
+    /// How long after it is made a revocation list (signed list, CRL) is due for update.
+    pub revocation_list_ttl: i64,
     /// Attestation-gated enrollment (`enroll.rs`).
     pub enroll: Arc<EnrollSettings>,
     /// Repeated refusals without a verified identity are summed over this window
@@ -110,6 +112,7 @@ impl Settings {
             rotate_every: cfg.rotation.rotate_every_seconds as i64,
             publish_lead: cfg.rotation.publish_lead_seconds as i64,
             jwks_max_age: cfg.rotation.jwks_max_age_seconds,
+            revocation_list_ttl: cfg.tokens.revocation_list_ttl_seconds as i64,
             enroll: EnrollSettings::from_config(cfg)?,
             refusal_window: std::time::Duration::from_secs(cfg.audit.refusal_window_seconds),
         })

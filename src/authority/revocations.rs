@@ -29,6 +29,22 @@ pub struct RevocationEvent {
     pub jti: String,
     pub exp: i64,
     pub seq: i64,
+    pub revoked_at: i64,
+    /// The reason given, or `machine revoked`; absent when none was given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl From<crate::store::RevocationRow> for RevocationEvent {
+    fn from(r: crate::store::RevocationRow) -> Self {
+        RevocationEvent {
+            jti: r.jti,
+            exp: r.exp,
+            seq: r.seq,
+            revoked_at: r.revoked_at,
+            reason: r.reason,
+        }
+    }
 }
 
 /// How often the feed looks for revocations even when none was announced (a safety net:
@@ -83,10 +99,10 @@ async fn run(feed: Weak<Feed>, mut changes: broadcast::Receiver<Change>) {
         let after = f.last.load(Ordering::Acquire);
         match f.store.revocations(after, now()).await {
             Ok(rows) => {
-                for (seq, jti, exp, _) in rows {
-                    f.last.store(seq, Ordering::Release);
+                for row in rows {
+                    f.last.store(row.seq, Ordering::Release);
                     // No subscriber is not an error.
-                    let _ = f.tx.send(RevocationEvent { jti, exp, seq });
+                    let _ = f.tx.send(RevocationEvent::from(row));
                 }
             }
             Err(e) => tracing::warn!(error = %e, "revocation feed cannot read the store"),
@@ -107,10 +123,7 @@ impl Sub {
     async fn refill_from_store(&mut self) -> bool {
         match self.store.revocations(self.last, now()).await {
             Ok(rows) => {
-                self.buf.extend(
-                    rows.into_iter()
-                        .map(|(seq, jti, exp, _)| RevocationEvent { jti, exp, seq }),
-                );
+                self.buf.extend(rows.into_iter().map(RevocationEvent::from));
                 true
             }
             Err(e) => {
@@ -205,11 +218,19 @@ impl Authority {
             .revocations(after, now)
             .await?
             .into_iter()
-            .map(|(_, jti, exp, revoked_at)| crate::token::Revoked { jti, exp, revoked_at })
+            .map(|r| crate::token::Revoked {
+                jti: r.jti,
+                exp: r.exp,
+                revoked_at: r.revoked_at,
+                reason: r.reason,
+            })
             .collect();
+        let next_update = now + self.settings.revocation_list_ttl;
         let list = crate::token::RevocationList {
             iss: self.settings.issuer.clone(),
             iat: now,
+            next_update,
+            exp: next_update,
             seq,
             revoked,
         };

@@ -247,6 +247,14 @@ pub struct TokenPolicy {
     /// long (replay protection).
     #[serde(default = "default_dpop_max_age")]
     pub dpop_max_age_seconds: u64,
+    /// The signed revocation list and the CRL say their next update is due this long after
+    /// they were made; verifiers refuse a list past it (`keygate verify --revocations`).
+    #[serde(default = "default_revocation_list_ttl")]
+    pub revocation_list_ttl_seconds: u64,
+}
+
+fn default_revocation_list_ttl() -> u64 {
+    300
 }
 
 fn default_dpop_max_age() -> u64 {

@@ -25,7 +25,9 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use crate::audit::{AuditEntry, AuditRecord};
 use db::{Arg, Exec, Pool};
 pub use enroll::EnrollOp;
-pub use rows::{ApiTokenRow, EnrollmentRow, IssuedToken, MachineRow, SigningKeyRow, TokenStatus};
+pub use rows::{
+    ApiTokenRow, EnrollmentRow, IssuedToken, MachineRow, RevocationRow, SigningKeyRow, TokenStatus,
+};
 pub use url::{StoreKind, StoreUrl, redact};
 pub use writer::WriteOp;
 
@@ -313,19 +315,25 @@ impl Store {
         Ok(rows.into_iter().map(AuditEntry::from).collect())
     }
 
-    /// Unexpired revocations with `seq > after` at time `now`: (seq, jti, exp, revoked_at).
-    pub async fn revocations(
-        &self,
-        after: i64,
-        now: i64,
-    ) -> Result<Vec<(i64, String, i64, i64)>, StoreError> {
-        Ok(self
+    /// Unexpired revocations with `seq > after` at time `now`, in `seq` order.
+    pub async fn revocations(&self, after: i64, now: i64) -> Result<Vec<RevocationRow>, StoreError> {
+        let rows: Vec<(i64, String, i64, i64, Option<String>)> = self
             .read()
             .fetch_all(
-                "SELECT seq, jti, exp, revoked_at FROM revocations WHERE seq > $1 AND exp > $2 ORDER BY seq",
+                "SELECT seq, jti, exp, revoked_at, reason FROM revocations WHERE seq > $1 AND exp > $2 ORDER BY seq",
                 &[Arg::Int(after), Arg::Int(now)],
             )
-            .await?)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(seq, jti, exp, revoked_at, reason)| RevocationRow {
+                seq,
+                jti,
+                exp,
+                revoked_at,
+                reason,
+            })
+            .collect())
     }
 
     /// The newest revocation's seq (0 when there is none).

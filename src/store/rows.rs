@@ -127,3 +127,15 @@ impl From<AuditRow> for AuditEntry {
         }
     }
 }
+
+/// One unexpired revocation (the signed list, the event stream, the CRL).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevocationRow {
+    /// Position in the one revocation order every replica shares.
+    pub seq: i64,
+    pub jti: String,
+    pub exp: i64,
+    pub revoked_at: i64,
+    /// The reason the operator gave, or `machine revoked` when that was the cause.
+    pub reason: Option<String>,
+}

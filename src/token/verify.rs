@@ -65,6 +65,8 @@ pub enum VerifyError {
     IssuedInFuture(i64),
     #[error("token revoked at {0}")]
     Revoked(i64),
+    #[error("revocation list is stale: a newer one was due at {0}; fetch it again")]
+    StaleRevocations(i64),
     #[error("JWKS has no usable ES256 key: {0}")]
     NoKeys(String),
 }
