@@ -226,12 +226,11 @@ async fn embedded_defaults_initialise_and_serve() {
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status();
-    let output = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let mut child = child;
+    crate::common::signal(&child, libc::SIGTERM);
+    crate::common::wait_deadline(&mut child, 30);
+    let mut stdout = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut stdout).unwrap();
     let logs = std::fs::read_to_string(&log).unwrap();
     assert!(ready, "embedded serve never became ready: {logs}");
     assert!(stdout.starts_with("KEYGATE_ADMIN_TOKEN=kg_"), "{stdout}");

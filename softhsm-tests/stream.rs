@@ -211,11 +211,7 @@ async fn sigterm_ends_open_streams_and_the_server_exits(env: Env) {
     for _ in 0..3 {
         clients.push(SseClient::connect(&base, None).await);
     }
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &server.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
+    crate::common::signal(&server.child, libc::SIGTERM);
     // Without closing the streams, the graceful shutdown would wait for them forever.
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     let status = loop {

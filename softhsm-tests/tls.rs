@@ -131,10 +131,7 @@ async fn tls_serves_and_takes_a_new_certificate_without_a_restart() {
     // a new certificate from another CA, then SIGHUP: new connections get it at once
     assert!(!healthy(&c2, &base).await);
     install(d, &crt2, &key2);
-    Command::new("kill")
-        .args(["-HUP", &server.child.id().to_string()])
-        .status()
-        .unwrap();
+    crate::common::signal(&server.child, libc::SIGHUP);
     until("the certificate was reloaded on SIGHUP", 5, async || {
         healthy(&c2, &base).await
     })
@@ -150,10 +147,7 @@ async fn tls_serves_and_takes_a_new_certificate_without_a_restart() {
     .await;
     // a broken file is refused and the certificate in force stays
     std::fs::write(d.join("tls.key"), "not a key").unwrap();
-    Command::new("kill")
-        .args(["-HUP", &server.child.id().to_string()])
-        .status()
-        .unwrap();
+    crate::common::signal(&server.child, libc::SIGHUP);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
         healthy(&c1, &base).await,

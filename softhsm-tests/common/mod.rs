@@ -450,13 +450,10 @@ impl Server {
         }
     }
 
-    /// Stops the server with SIGTERM (graceful) and waits for it.
+    /// Stops the server with SIGTERM (graceful) and waits for it, 30 s at most.
     pub fn stop(mut self) {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status();
-        let _ = self.child.wait();
+        signal(&self.child, libc::SIGTERM);
+        wait_deadline(&mut self.child, 30);
     }
 }
 
@@ -464,6 +461,32 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Sends `sig` to `child` from this process (no `kill` program: a minimal system may lack
+/// procps). A child that has exited already is not an error.
+pub fn signal(child: &std::process::Child, sig: libc::c_int) {
+    let pid = libc::pid_t::try_from(child.id()).expect("a pid fits pid_t");
+    // SAFETY: kill(2) takes plain integers; `pid` is our own child, not yet reaped (we hold
+    // its `Child`), so the number cannot name another process.
+    unsafe { libc::kill(pid, sig) };
+}
+
+/// Waits for `child` at most `secs` seconds; past that it is killed and the test fails
+/// (a hung child must not hang the suite).
+pub fn wait_deadline(child: &mut std::process::Child, secs: u64) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("process {} did not exit within {secs} s", child.id());
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
