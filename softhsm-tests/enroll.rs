@@ -536,6 +536,35 @@ async fn allowlist_mode_needs_a_registered_ek_and_revoking_a_machine_revokes_its
     let list = v.verify_revocations(&list_jws).unwrap();
     assert_eq!(list.revoked.len(), 1);
     assert_eq!(list.revoked[0].reason.as_deref(), Some("machine revoked"));
+    // and its AK certificate is on the CA's CRL
+    let dir = env.dir.path();
+    std::fs::write(dir.join("ak.pem"), p["certificate"].as_str().unwrap()).unwrap();
+    let crl = reqwest::get(format!("{base}/v1/crl"))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    std::fs::write(dir.join("crl.der"), &crl).unwrap();
+    let serial =
+        String::from_utf8(openssl(dir, &["x509", "-in", "ak.pem", "-noout", "-serial"]).stdout).unwrap();
+    let serial = serial
+        .trim()
+        .trim_start_matches("serial=")
+        .trim_start_matches('0')
+        .to_owned();
+    let text = String::from_utf8(
+        openssl(
+            dir,
+            &["crl", "-inform", "DER", "-in", "crl.der", "-noout", "-text"],
+        )
+        .stdout,
+    )
+    .unwrap();
+    assert!(
+        text.contains(&serial) && text.contains("Cessation Of Operation"),
+        "{serial}: {text}"
+    );
     refused(
         post(&base, "/v1/enroll/challenge", &challenge_body(&c, "ak")).await,
         403,

@@ -9,6 +9,7 @@ mod attest;
 mod audit;
 mod auth;
 mod badinput;
+mod certificates;
 mod cli;
 mod cli_full;
 mod connections;

@@ -29,6 +29,12 @@ pub struct IssueTokenRequest {
     #[serde(default)]
     #[schema(pattern = "^[A-Za-z0-9_-]{43}$")]
     pub cnf_jkt: Option<String>,
+    /// Names a certificate made at redemption may carry as subjectAltName: DNS names
+    /// (`web-1.example.com`, `*.example.com`) and IP addresses (`10.0.0.5`), also written
+    /// `DNS:...` / `IP:...`. Redemption refuses a CSR that asks for any other name.
+    #[serde(default)]
+    #[schema(max_items = 32)]
+    pub sans: Option<Vec<String>>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]

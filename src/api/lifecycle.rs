@@ -23,7 +23,7 @@ use crate::authority::{RedeemRequest, Scope, rfc3339};
 #[utoipa::path(post, path = "/v1/tokens/redeem", tag = "tokens", request_body = RedeemRequestBody,
     params(("DPoP" = Option<String>, Header, description = "RFC 9449 proof, for tokens with cnf.jkt")),
     responses((status = 200, body = RedeemResponse), (status = 400, body = Problem),
-        (status = 401, body = Problem), (status = 409, body = Problem), (status = 503, body = Problem)))]
+        (status = 401, body = Problem), (status = 403, body = Problem), (status = 409, body = Problem), (status = 503, body = Problem)))]
 pub async fn redeem(
     State(st): State<AppState>,
     Remote(remote): Remote,

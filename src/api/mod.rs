@@ -1,6 +1,7 @@
 //! The axum front end: routes, conventions of the HTTP contract (problem+json, 64 KiB, 415, strict
 //! JSON), a tracing span per request with its request id and matched route.
 
+mod certs;
 mod dto;
 mod enroll;
 pub mod error;
@@ -163,6 +164,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/audit", get(operator::audit))
         .route("/v1/tokens/{jti}/revoke", post(operator::revoke))
         .route("/v1/revocations", get(operator::revocations))
+        .route("/v1/crl", get(certs::crl))
+        .route("/v1/certificates/{serial}/revoke", post(certs::revoke_certificate))
         .route("/v1/api-tokens", post(operator::create_api_token).get(operator::list_api_tokens))
         .route("/v1/api-tokens/{id}", delete(operator::delete_api_token))
         .route("/v1/enroll/machines", post(enroll::register_machine).get(enroll::list_machines))

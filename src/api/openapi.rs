@@ -9,7 +9,7 @@ use super::enroll::{
     MachineView, RegisterMachineRequest,
 };
 use super::error::Problem;
-use super::{lifecycle, operator, public};
+use super::{certs, lifecycle, operator, public};
 
 struct BearerAuth;
 
@@ -38,7 +38,7 @@ impl Modify for BearerAuth {
         operator::audit, operator::revoke, operator::revocations,
         lifecycle::redeem, lifecycle::revocation_stream, lifecycle::rotate_key, lifecycle::destroy_key,
         enroll::challenge, enroll::complete, enroll::register_machine, enroll::list_machines,
-        enroll::revoke_machine,
+        enroll::revoke_machine, certs::crl, certs::revoke_certificate,
     ),
     components(schemas(
         Problem, IssueTokenRequest, IssueTokenResponse, IntrospectRequest, IntrospectResponse, KeyView,
@@ -47,6 +47,7 @@ impl Modify for BearerAuth {
         RotateRequest, RedeemRequestBody, RedeemResponse,
         EnrollChallengeRequest, EnrollChallengeResponse, EnrollCompleteRequest, EnrollCompleteResponse,
         RegisterMachineRequest, MachineView, ConfirmationView, OidcConfiguration,
+        certs::CertificateRevokeResponse,
     )),
     modifiers(&BearerAuth),
 )]

@@ -45,6 +45,7 @@ pub async fn issue_token(
         scopes: body.scopes.unwrap_or_default(),
         one_time: body.one_time.unwrap_or(false),
         cnf_jkt: body.cnf_jkt,
+        sans: body.sans.unwrap_or_default(),
     };
     let issued = st.authority.issue(&who, &req, &remote).await?;
     Ok((
@@ -243,6 +244,19 @@ pub async fn revoke(
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Json<RevokeResponse>, ApiError> {
     let who = authorize(&st, &headers, &remote, Scope::TokensRevoke).await?;
+    let reason = optional_reason(&headers, body)?;
+    let at = st.authority.revoke(&who, &jti, reason, &remote).await?;
+    Ok(Json(RevokeResponse {
+        jti,
+        revoked_at: rfc3339(at),
+    }))
+}
+
+/// The `{"reason": ...}` body of a revocation, which may also be empty.
+pub(super) fn optional_reason(
+    headers: &HeaderMap,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Option<String>, ApiError> {
     let body = body.map_err(|r| {
         if r.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::PayloadTooLarge
@@ -250,7 +264,7 @@ pub async fn revoke(
             ApiError::BadRequest("the request body could not be read".into())
         }
     })?;
-    let reason = if body.is_empty() {
+    Ok(if body.is_empty() {
         None
     } else {
         let json = headers
@@ -269,12 +283,7 @@ pub async fn revoke(
             ));
         }
         super::extract::parse_json::<RevokeRequest>(&body)?.reason
-    };
-    let at = st.authority.revoke(&who, &jti, reason, &remote).await?;
-    Ok(Json(RevokeResponse {
-        jti,
-        revoked_at: rfc3339(at),
-    }))
+    })
 }
 
 /// The signed list of revoked, unexpired tokens (`application/jwt`).

@@ -64,6 +64,7 @@ impl EnrollSettings {
                 scopes: e.scopes.clone(),
                 one_time: e.one_time,
                 cnf_jkt: None,
+                sans: Vec::new(),
             },
             token_ttl: e.token_ttl_seconds.unwrap_or(cfg.tokens.default_ttl_seconds),
         }))
@@ -470,14 +471,14 @@ impl Authority {
             .unwrap_or_else(|| format!("{EK_URN_PREFIX}{}", row.ek_hash));
         let spki = x509_cert::spki::SubjectPublicKeyInfoOwned::from_der(&ak.spki_der())
             .map_err(|e| AuthorityError::Internal(format!("AK key: {e}")))?;
-        let certificate = self.certify_key(spki, &subject).await?;
+        let (certificate, mut cert_row) = self.certify_key(spki, &subject, Vec::new(), None).await?;
         let req = IssueRequest {
             subject: subject.clone(),
             ..s.token.clone()
         };
         let ttl = req.validate(s.token_ttl, self.settings.max_ttl)?;
         let (issued, token_row) = self.mint(&req, ttl, &format!("enroll:{}", row.id)).await?;
-        let ops = vec![
+        let mut ops = vec![
             WriteOp::Enroll(EnrollOp::Use {
                 id: row.id.clone(),
                 at: t,
@@ -490,6 +491,10 @@ impl Authority {
             }),
             WriteOp::InsertIssued(token_row),
         ];
+        // the AK certificate goes with the token: revoking either, or the machine, lists it
+        // in the CRL
+        cert_row.jti = Some(issued.jti.clone());
+        ops.push(WriteOp::Cert(crate::store::CertOp::Insert(cert_row)));
         Ok((
             Enrolled {
                 token: issued.token,

@@ -23,6 +23,8 @@ pub struct IssueRequest {
     pub scopes: Vec<String>,
     pub one_time: bool,
     pub cnf_jkt: Option<String>,
+    /// subjectAltNames a certificate at redemption may carry.
+    pub sans: Vec<String>,
 }
 
 /// A signed, recorded token. The token text is wiped on drop.
@@ -105,7 +107,29 @@ impl IssueRequest {
                 "cnf_jkt must be a base64url SHA-256 JWK thumbprint (43 characters)".into(),
             ));
         }
+        self.normalized_sans()?;
         Ok(ttl)
+    }
+
+    /// The requested SANs, checked and in one spelling (DNS names lowercase, IP addresses
+    /// canonical), without repeats.
+    pub(super) fn normalized_sans(&self) -> Result<Vec<String>, AuthorityError> {
+        if self.sans.len() > MAX_SCOPES {
+            return Err(AuthorityError::BadRequest(format!("at most {MAX_SCOPES} sans")));
+        }
+        let mut out: Vec<String> = Vec::with_capacity(self.sans.len());
+        for s in &self.sans {
+            let san =
+                crate::x509::San::parse(s).map_err(|e| AuthorityError::BadRequest(format!("sans: {e}")))?;
+            let plain = match san {
+                crate::x509::San::Dns(d) => d,
+                crate::x509::San::Ip(ip) => ip.to_string(),
+            };
+            if !out.contains(&plain) {
+                out.push(plain);
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -163,6 +187,7 @@ impl Authority {
             scope: (!scopes.is_empty()).then(|| scopes.join(" ")),
             cnf: req.cnf_jkt.clone().map(|jkt| Confirmation { jkt }),
             one_time: req.one_time.then_some(true),
+            sans: Some(req.normalized_sans()?).filter(|s| !s.is_empty()),
         };
         let payload = serde_json::to_vec(&claims).map_err(|e| AuthorityError::Internal(e.to_string()))?;
         let token = Zeroizing::new(
@@ -266,6 +291,7 @@ mod tests {
         let r = IssueRequest {
             scopes: vec!["read:x".into()],
             cnf_jkt: Some("x".into()),
+            sans: Vec::new(),
             ..req()
         };
         assert!(r.validate(900, 3600).is_err());

@@ -14,6 +14,9 @@ use crate::token::{Jwk, JwkSet, Verifier, VerifierConfig};
 pub struct PublishedKey {
     pub row: SigningKeyRow,
     pub jwk: Jwk,
+    /// A signer for keys of this replica's device (its CA signs CRLs while it is
+    /// published); none for other devices' keys.
+    pub signer: Option<HardwareSigner>,
 }
 
 /// The active signing key.
@@ -52,7 +55,11 @@ impl KeyRing {
             let jwk: Jwk = serde_json::from_str(&row.jwk)
                 .map_err(|e| AuthorityError::Internal(format!("stored JWK of {}: {e}", row.kid)))?;
             if row.device != device {
-                published.push(PublishedKey { row, jwk });
+                published.push(PublishedKey {
+                    row,
+                    jwk,
+                    signer: None,
+                });
                 continue;
             }
             let (b, uri) = (backend.clone(), row.uri.clone());
@@ -65,14 +72,19 @@ impl KeyRing {
                     row.uri, row.kid
                 )));
             }
+            let signer = HardwareSigner::new(backend.clone(), row.uri.clone(), &info.public_key);
             if row.state == "active" {
                 active = Some(ActiveKey {
                     kid: row.kid.clone(),
                     uri: row.uri.clone(),
-                    signer: HardwareSigner::new(backend.clone(), row.uri.clone(), &info.public_key),
+                    signer: signer.clone(),
                 });
             }
-            published.push(PublishedKey { row, jwk });
+            published.push(PublishedKey {
+                row,
+                jwk,
+                signer: Some(signer),
+            });
         }
         let active = active.ok_or_else(|| {
             AuthorityError::Internal(format!(

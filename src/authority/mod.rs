@@ -2,6 +2,7 @@
 //! which key signs, what a valid request is, who may do what, what gets recorded.
 
 mod apitokens;
+mod certs;
 mod enroll;
 mod issue;
 mod keyring;

@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use super::{Authority, AuthorityError, now};
 use crate::audit::AuditRecord;
-use crate::store::{Refusal, StoreError, WriteOp};
+use crate::store::{CertOp, CertificateRow, Refusal, StoreError, WriteOp};
 use crate::token::{self, Claims, ProofContext};
+use crate::x509::San;
 
 /// Longest token accepted.
 const MAX_TOKEN: usize = 8 * 1024;
@@ -79,6 +80,7 @@ impl Authority {
                     r.error,
                     AuthorityError::Unauthorized(_)
                         | AuthorityError::Dpop { .. }
+                        | AuthorityError::Denied(_)
                         | AuthorityError::Conflict(_)
                 ) {
                     let outcome = format!("denied: {}", r.error);
@@ -149,16 +151,20 @@ impl Authority {
             )));
         }
         let certificate = match req.csr {
-            Some(csr) => Some(self.certify(csr, &claims.sub).await.map_err(deny)?),
+            Some(csr) => Some(self.certify(csr, &claims).await.map_err(deny)?),
             None => None,
         };
-        let op = WriteOp::Redeem {
+        let mut ops = vec![WriteOp::Redeem {
             jti: jti.clone(),
             at: t,
             proof,
-        };
+        }];
+        let certificate = certificate.map(|(chain, row)| {
+            ops.push(WriteOp::Cert(CertOp::Insert(row)));
+            chain
+        });
         let rec = AuditRecord::new(&actor, "token.redeem", &jti, "success", remote);
-        match self.store.write(vec![op], rec).await {
+        match self.store.write(ops, rec).await {
             Ok(_) => {}
             Err(StoreError::Refused(r)) => {
                 return Err(deny(match r {
@@ -219,19 +225,45 @@ impl Authority {
         ))
     }
 
-    /// Checks the CSR and has the active key's CA sign a certificate for its key.
-    async fn certify(&self, csr: &str, subject: &str) -> Result<String, AuthorityError> {
-        let key = crate::x509::check_csr(csr).map_err(|e| AuthorityError::BadRequest(e.to_string()))?;
-        self.certify_key(key, subject).await
+    /// Checks the CSR, and the names it asks for against the token's `sans` (a CSR that asks
+    /// for none gets all the token allows), and has the active key's CA sign a certificate
+    /// for its key.
+    async fn certify(&self, csr: &str, claims: &Claims) -> Result<(String, CertificateRow), AuthorityError> {
+        let csr = crate::x509::check_csr(csr).map_err(|e| AuthorityError::BadRequest(e.to_string()))?;
+        let allowed: Vec<San> = claims
+            .sans
+            .iter()
+            .flatten()
+            .filter_map(|s| San::parse(s).ok())
+            .collect();
+        let sans = if csr.sans.is_empty() {
+            allowed
+        } else {
+            if let Some(bad) = csr.sans.iter().find(|s| !allowed.contains(s)) {
+                let allows = if allowed.is_empty() {
+                    "no subjectAltName".to_owned()
+                } else {
+                    allowed.iter().map(San::to_string).collect::<Vec<_>>().join(", ")
+                };
+                return Err(AuthorityError::Denied(format!(
+                    "the CSR asks for {bad}, which this token does not allow (it allows {allows})"
+                )));
+            }
+            csr.sans
+        };
+        self.certify_key(csr.key, &claims.sub, sans, Some(claims.jti.clone()))
+            .await
     }
 
-    /// Has the active key's CA sign an end-entity certificate for `key` with CN `subject`;
-    /// the PEM chain (certificate, then CA).
+    /// Has the active key's CA sign an end-entity certificate for `key` with CN `subject`
+    /// and `sans`; the PEM chain (certificate, then CA) and the row that records it.
     pub(super) async fn certify_key(
         &self,
         key: x509_cert::spki::SubjectPublicKeyInfoOwned,
         subject: &str,
-    ) -> Result<String, AuthorityError> {
+        sans: Vec<San>,
+        jti: Option<String>,
+    ) -> Result<(String, CertificateRow), AuthorityError> {
         let ring = self.key_ring();
         let ca_pem = ring
             .published
@@ -240,13 +272,23 @@ impl Authority {
             .map(|k| k.row.certificate.clone())
             .ok_or_else(|| AuthorityError::Internal("the active key has no CA certificate".into()))?;
         let signer = ring.active.signer.clone();
-        let subject = subject.to_owned();
+        let cn = subject.to_owned();
         let lifetime = Duration::from_secs(self.settings.certificate_ttl);
         let built = self
-            .sign_blocking(move || crate::x509::issue_end_entity(&signer, &ca_pem, key, &subject, lifetime))
+            .sign_blocking(move || crate::x509::issue_end_entity(&signer, &ca_pem, key, &cn, &sans, lifetime))
             .await?;
         match built {
-            Ok(pem) => Ok(pem),
+            Ok(c) => Ok((
+                c.chain,
+                CertificateRow {
+                    serial: c.serial,
+                    kid: ring.active.kid.clone(),
+                    jti,
+                    subject: subject.to_owned(),
+                    issued_at: now(),
+                    not_after: c.not_after,
+                },
+            )),
             // The builder does not say whether the device failed; a probe does (503 then).
             Err(e) => match self.probe_backend().await {
                 Err(unavailable) => Err(unavailable),

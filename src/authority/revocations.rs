@@ -47,6 +47,18 @@ impl From<crate::store::RevocationRow> for RevocationEvent {
     }
 }
 
+/// A revocation reason: at most 256 printable bytes.
+pub(super) fn check_reason(reason: Option<&str>) -> Result<(), AuthorityError> {
+    if let Some(r) = reason
+        && (r.len() > 256 || r.chars().any(char::is_control))
+    {
+        return Err(AuthorityError::BadRequest(
+            "reason must be at most 256 printable bytes".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// How often the feed looks for revocations even when none was announced (a safety net:
 /// every commit is announced, and a listener that reconnects sends a resync).
 const POLL: Duration = Duration::from_secs(30);
@@ -171,13 +183,7 @@ impl Authority {
         reason: Option<String>,
         remote: &str,
     ) -> Result<i64, AuthorityError> {
-        if let Some(r) = &reason
-            && (r.len() > 256 || r.chars().any(char::is_control))
-        {
-            return Err(AuthorityError::BadRequest(
-                "reason must be at most 256 printable bytes".into(),
-            ));
-        }
+        check_reason(reason.as_deref())?;
         if jti.is_empty() || jti.len() > 64 {
             return Err(AuthorityError::NotFound(format!("token {jti}")));
         }

@@ -72,6 +72,67 @@ pub enum MachinesCommand {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum CertCommand {
+    /// Revoke one certificate keygate issued, by serial (scope tokens:revoke); its CA's CRL
+    /// lists it from then on.
+    Revoke {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The serial number in hex (`openssl x509 -noout -serial`).
+        serial: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Fetch the CRL (DER) of the active CA key, or of --kid, into a file.
+    Crl {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        kid: Option<String>,
+        /// Where to write it (DER; `openssl crl -inform DER` reads it).
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
+}
+
+pub async fn certificates(cmd: CertCommand) -> anyhow::Result<()> {
+    match cmd {
+        CertCommand::Revoke {
+            client,
+            serial,
+            reason,
+        } => {
+            if serial.is_empty() || !serial.bytes().all(|b| b.is_ascii_hexdigit()) {
+                bail!("{serial:?} is not a serial number (hex)");
+            }
+            let body = match reason {
+                Some(r) => json!({ "reason": r }),
+                None => json!({}),
+            };
+            let r: serde_json::Value = Api::new(&client)?
+                .post(&format!("/v1/certificates/{serial}/revoke"), &body)
+                .await?;
+            println!(
+                "certificate {} revoked at {}",
+                r["serial"].as_str().unwrap_or(&serial),
+                r["revoked_at"].as_str().unwrap_or("?")
+            );
+        }
+        CertCommand::Crl { client, kid, out } => {
+            let api = Api::anonymous(&client.server)?;
+            let path = match &kid {
+                Some(k) => format!("/v1/crl?kid={}", segment("a kid", k)?),
+                None => "/v1/crl".to_owned(),
+            };
+            let der = api.get_bytes(&path).await?;
+            std::fs::write(&out, &der).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", out.display()))?;
+            println!("CRL ({} bytes) written to {}", der.len(), out.display());
+        }
+    }
+    Ok(())
+}
+
 /// Checks an EK hash before it goes into a URL path.
 fn ek_hash(h: &str) -> anyhow::Result<&str> {
     if h.len() != 64

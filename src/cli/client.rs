@@ -128,6 +128,12 @@ impl Api {
         decode(res).await
     }
 
+    /// GET a binary answer (a DER CRL).
+    pub async fn get_bytes(&self, path: &str) -> anyhow::Result<Vec<u8>> {
+        let res = self.send(path, self.request(reqwest::Method::GET, path)).await?;
+        Ok(res.bytes().await?.to_vec())
+    }
+
     pub async fn delete(&self, path: &str) -> anyhow::Result<()> {
         self.send(path, self.request(reqwest::Method::DELETE, path))
             .await?;

@@ -58,6 +58,9 @@ pub enum Command {
     /// Machines allowed to enroll with their TPM (through the HTTP API).
     #[command(subcommand)]
     Machines(admin::MachinesCommand),
+    /// Certificates keygate issued: revoke one, fetch a CRL.
+    #[command(subcommand, name = "cert")]
+    Cert(admin::CertCommand),
     /// Signing keys (through the HTTP API).
     #[command(subcommand)]
     Keys(KeysCommand),
@@ -174,6 +177,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
         Command::Token(cmd) => tokens::run(cmd).await,
         Command::ApiToken(cmd) => admin::api_tokens(cmd).await,
         Command::Machines(cmd) => admin::machines(cmd).await,
+        Command::Cert(cmd) => admin::certificates(cmd).await,
         Command::Keys(KeysCommand::List { client, json }) => admin::list_keys(client, json).await,
         Command::Keys(KeysCommand::Rotate { client, activate_now }) => {
             admin::rotate_key(client, activate_now).await

@@ -71,6 +71,10 @@ pub struct IssueArgs {
     /// cnf.jkt); redeem it with `keygate token redeem --dpop-key` and the same file.
     #[arg(long)]
     pub dpop_key: Option<std::path::PathBuf>,
+    /// A subjectAltName a certificate made at redemption may carry (a DNS name or an IP
+    /// address); repeat for more. Redemption refuses a CSR that asks for any other.
+    #[arg(long = "san")]
+    pub sans: Vec<String>,
     /// Print the full JSON answer instead of the token alone.
     #[arg(long)]
     pub json: bool,
@@ -150,6 +154,9 @@ async fn issue(a: IssueArgs) -> anyhow::Result<()> {
     }
     if let Some(j) = &a.cnf_jkt {
         body["cnf_jkt"] = j.clone().into();
+    }
+    if !a.sans.is_empty() {
+        body["sans"] = a.sans.clone().into();
     }
     if let Some(path) = &a.dpop_key {
         body["cnf_jkt"] = public_jwk(&read_key(path)?).kid.unwrap_or_default().into();

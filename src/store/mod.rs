@@ -9,6 +9,7 @@
 //! and audited, before the caller hears "done". Changes that other parts of this process,
 //! and other replicas, must learn of at once are announced on [`Store::changes`].
 
+mod certs;
 mod db;
 mod enroll;
 mod postgres;
@@ -23,6 +24,7 @@ use secrecy::SecretString;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::audit::{AuditEntry, AuditRecord};
+pub use certs::{CertOp, CertificateRow, RevokedCertificate};
 use db::{Arg, Exec, Pool};
 pub use enroll::EnrollOp;
 pub use rows::{

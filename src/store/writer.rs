@@ -73,6 +73,8 @@ pub enum WriteOp {
     },
     /// Challenges and machines (`enroll.rs`).
     Enroll(super::EnrollOp),
+    /// Certificates (`certs.rs`).
+    Cert(super::CertOp),
 }
 
 /// A queued write and where its result goes.
@@ -427,6 +429,7 @@ async fn apply_op(ex: &mut Exec<'_>, op: &WriteOp) -> Result<(u64, Option<Change
         WriteOp::Revoke { jti, at, reason } => return revoke(ex, jti, *at, reason.as_deref()).await,
         WriteOp::Redeem { jti, at, proof } => return Ok((redeem(ex, jti, *at, proof.as_ref()).await?, None)),
         WriteOp::Enroll(op) => return super::enroll::apply(ex, op).await,
+        WriteOp::Cert(op) => return super::certs::apply(ex, op).await,
         WriteOp::SetKeyState {
             kid,
             from,

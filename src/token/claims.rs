@@ -51,6 +51,10 @@ pub struct Claims {
     pub cnf: Option<Confirmation>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub one_time: Option<bool>,
+    /// The subject alternative names a certificate made at redemption may carry (DNS names
+    /// and IP addresses, as step-ca's one-time tokens carry `sans`); none when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sans: Option<Vec<String>>,
 }
 
 impl Claims {

@@ -264,6 +264,7 @@ mod tests {
             scope: Some("provision".into()),
             cnf: None,
             one_time: None,
+            sans: None,
         }
     }
 

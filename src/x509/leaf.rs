@@ -8,18 +8,21 @@ use aws_lc_rs::signature::{
     ECDSA_P256_SHA256_ASN1, ECDSA_P384_SHA384_ASN1, ED25519, RSA_PKCS1_2048_8192_SHA256, UnparsedPublicKey,
     VerificationAlgorithm,
 };
+use der::oid::AssociatedOid;
 use der::pem::LineEnding;
 use der::{Decode, DecodePem, EncodePem};
 use spki::{ObjectIdentifier, SubjectPublicKeyInfoRef};
 use x509_cert::builder::profile::BuilderProfile;
 use x509_cert::builder::{Builder, CertificateBuilder};
 use x509_cert::certificate::TbsCertificate;
+use x509_cert::ext::pkix::name::GeneralName;
 use x509_cert::ext::pkix::{
-    AuthorityKeyIdentifier, BasicConstraints, ExtendedKeyUsage, KeyUsage, KeyUsages, SubjectKeyIdentifier,
+    AuthorityKeyIdentifier, BasicConstraints, ExtendedKeyUsage, KeyUsage, KeyUsages, SubjectAltName,
+    SubjectKeyIdentifier,
 };
 use x509_cert::ext::{Extension, ToExtension};
 use x509_cert::name::Name;
-use x509_cert::request::CertReq;
+use x509_cert::request::{CertReq, ExtensionReq};
 use x509_cert::spki::SubjectPublicKeyInfoOwned;
 use x509_cert::time::{Time, Validity};
 use x509_cert::{Certificate, SubjectPublicKeyInfo};
@@ -55,10 +58,121 @@ pub enum CsrError {
     Algorithm,
     #[error("csr signature does not verify with the key it contains")]
     BadSignature,
+    #[error("csr subjectAltName: {0}")]
+    San(String),
 }
 
-/// Parses a PEM PKCS#10 request and checks that the key it names signed it. Returns the key.
-pub fn check_csr(pem: &str) -> Result<SubjectPublicKeyInfo, CsrError> {
+/// A subject alternative name keygate puts in certificates: a DNS name or an IP address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum San {
+    Dns(String),
+    Ip(std::net::IpAddr),
+}
+
+impl San {
+    /// Parses `DNS:name`, `IP:addr`, or a bare name or address (the token's `sans` form),
+    /// checking the name (RFC 1123 labels, an optional leading `*.` wildcard) and lowering
+    /// its case.
+    pub fn parse(text: &str) -> Result<San, String> {
+        let (kind, v) = match text.split_once(':') {
+            Some((k, v)) if k.eq_ignore_ascii_case("dns") => (Some("dns"), v),
+            Some((k, v)) if k.eq_ignore_ascii_case("ip") => (Some("ip"), v),
+            _ => (None, text),
+        };
+        if kind != Some("dns")
+            && let Ok(ip) = v.parse::<std::net::IpAddr>()
+        {
+            return Ok(San::Ip(ip));
+        }
+        if kind == Some("ip") {
+            return Err(format!("{v:?} is not an IP address"));
+        }
+        let name = v.to_ascii_lowercase();
+        let labels = name.strip_prefix("*.").unwrap_or(&name);
+        let ok_label = |l: &str| {
+            (1..=63).contains(&l.len())
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        };
+        if name.len() > 253 || !labels.split('.').all(ok_label) {
+            return Err(format!("{v:?} is not a DNS name or an IP address"));
+        }
+        Ok(San::Dns(name))
+    }
+
+    fn general_name(&self) -> Result<GeneralName, X509Error> {
+        Ok(match self {
+            San::Dns(d) => GeneralName::DnsName(
+                der::asn1::Ia5String::new(d).map_err(|e| X509Error::Build(e.to_string()))?,
+            ),
+            San::Ip(ip) => GeneralName::from(*ip),
+        })
+    }
+}
+
+impl std::fmt::Display for San {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            San::Dns(d) => write!(f, "DNS:{d}"),
+            San::Ip(ip) => write!(f, "IP:{ip}"),
+        }
+    }
+}
+
+/// A checked PKCS#10 request: the key it names and signed with, and the subject
+/// alternative names it asks for (its extensionRequest).
+#[derive(Debug, Clone)]
+pub struct CheckedCsr {
+    pub key: SubjectPublicKeyInfo,
+    pub sans: Vec<San>,
+}
+
+fn ip_from(b: &[u8]) -> Result<std::net::IpAddr, CsrError> {
+    if let Ok(v4) = <[u8; 4]>::try_from(b) {
+        return Ok(v4.into());
+    }
+    <[u8; 16]>::try_from(b)
+        .map(Into::into)
+        .map_err(|_| CsrError::San("an IP address of neither 4 nor 16 bytes".into()))
+}
+
+/// The DNS and IP names of the CSR's extensionRequest (RFC 2985 §5.4.2); other kinds of
+/// name are refused, as keygate would not put them in a certificate.
+fn requested_sans(req: &CertReq) -> Result<Vec<San>, CsrError> {
+    let mut out = Vec::new();
+    for attr in req.info.attributes.iter().filter(|a| a.oid == ExtensionReq::OID) {
+        for value in attr.values.iter() {
+            let exts: ExtensionReq = value
+                .decode_as()
+                .map_err(|e| CsrError::San(format!("extensionRequest: {e}")))?;
+            for ext in exts.0.iter().filter(|e| e.extn_id == SubjectAltName::OID) {
+                let names = SubjectAltName::from_der(ext.extn_value.as_bytes())
+                    .map_err(|e| CsrError::San(e.to_string()))?;
+                for n in names.0 {
+                    out.push(match n {
+                        GeneralName::DnsName(d) => {
+                            San::parse(&format!("DNS:{}", d.as_str())).map_err(CsrError::San)?
+                        }
+                        GeneralName::IpAddress(o) => San::Ip(ip_from(o.as_bytes())?),
+                        _ => {
+                            return Err(CsrError::San(
+                                "only DNS names and IP addresses are supported".into(),
+                            ));
+                        }
+                    });
+                }
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+/// Parses a PEM PKCS#10 request and checks that the key it names signed it. Returns the key
+/// and the names it asks for.
+pub fn check_csr(pem: &str) -> Result<CheckedCsr, CsrError> {
     let (label, der) = der::pem::decode_vec(pem.trim().as_bytes()).map_err(|_| CsrError::NotPem)?;
     if label != "CERTIFICATE REQUEST" && label != "NEW CERTIFICATE REQUEST" {
         return Err(CsrError::NotPem);
@@ -83,7 +197,11 @@ pub fn check_csr(pem: &str) -> Result<SubjectPublicKeyInfo, CsrError> {
     UnparsedPublicKey::new(alg, key)
         .verify(info, signature)
         .map_err(|_| CsrError::BadSignature)?;
-    Ok(req.info.public_key)
+    let sans = requested_sans(&req)?;
+    Ok(CheckedCsr {
+        key: req.info.public_key,
+        sans,
+    })
 }
 
 /// (header length, content length) of the DER TLV at the start of `b`.
@@ -125,6 +243,7 @@ pub(crate) fn first_element(der: &[u8]) -> Option<&[u8]> {
 struct EndEntity {
     issuer: Name,
     subject: Name,
+    sans: Vec<GeneralName>,
 }
 
 impl BuilderProfile for EndEntity {
@@ -156,20 +275,35 @@ impl BuilderProfile for EndEntity {
         );
         ext.push(KeyUsage(KeyUsages::DigitalSignature.into()).to_extension(tbs.subject(), &ext)?);
         ext.push(ExtendedKeyUsage(vec![KP_CLIENT_AUTH, KP_SERVER_AUTH]).to_extension(tbs.subject(), &ext)?);
+        if !self.sans.is_empty() {
+            ext.push(SubjectAltName(self.sans.clone()).to_extension(tbs.subject(), &ext)?);
+        }
         Ok(ext)
     }
 }
 
-/// Has the CA key sign a certificate for `key` with subject `CN=<common_name>`, valid from a
-/// minute ago for `lifetime`, but never past the CA certificate's own end. Returns the PEM
-/// chain: the new certificate, then the CA certificate.
+/// A certificate made by [`issue_end_entity`].
+#[derive(Debug, Clone)]
+pub struct IssuedCert {
+    /// The new certificate, then the CA certificate (PEM).
+    pub chain: String,
+    /// The serial number, lowercase hex without leading zeros.
+    pub serial: String,
+    /// notAfter, Unix seconds.
+    pub not_after: i64,
+}
+
+/// Has the CA key sign a certificate for `key` with subject `CN=<common_name>` and `sans`
+/// as subjectAltName, valid from a minute ago for `lifetime`, but never past the CA
+/// certificate's own end.
 pub fn issue_end_entity(
     ca: &HardwareSigner,
     ca_cert_pem: &str,
     key: SubjectPublicKeyInfoOwned,
     common_name: &str,
+    sans: &[San],
     lifetime: Duration,
-) -> Result<String, X509Error> {
+) -> Result<IssuedCert, X509Error> {
     let ca_cert =
         Certificate::from_pem(ca_cert_pem.as_bytes()).map_err(|e| X509Error::Build(e.to_string()))?;
     let issuer = ca_cert.tbs_certificate().subject().clone();
@@ -183,15 +317,38 @@ pub fn issue_end_entity(
     }
     let time = |t: SystemTime| Time::try_from(t).map_err(|e| X509Error::Build(e.to_string()));
     let validity = Validity::new(time(now - BACKDATE)?, time(end)?);
-    let builder = CertificateBuilder::new(EndEntity { issuer, subject }, random_serial()?, validity, key)
-        .map_err(|e| X509Error::Build(e.to_string()))?;
+    let sans = sans
+        .iter()
+        .map(San::general_name)
+        .collect::<Result<Vec<_>, _>>()?;
+    let serial = random_serial()?;
+    let serial_hex = super::serial_hex(&serial);
+    let builder = CertificateBuilder::new(
+        EndEntity {
+            issuer,
+            subject,
+            sans,
+        },
+        serial,
+        validity,
+        key,
+    )
+    .map_err(|e| X509Error::Build(e.to_string()))?;
     let cert = builder
         .build::<_, p256::ecdsa::DerSignature>(ca)
         .map_err(|e| X509Error::Build(e.to_string()))?;
     let pem = cert
         .to_pem(LineEnding::LF)
         .map_err(|e| X509Error::Build(e.to_string()))?;
-    Ok(format!("{pem}{}", ca_cert_pem.trim_start()))
+    let not_after = end
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    Ok(IssuedCert {
+        chain: format!("{pem}{}", ca_cert_pem.trim_start()),
+        serial: serial_hex,
+        not_after,
+    })
 }
 
 #[cfg(test)]
@@ -213,9 +370,9 @@ mod tests {
 
     #[test]
     fn garbage_is_not_a_csr() {
-        assert_eq!(check_csr("hello"), Err(CsrError::NotPem));
+        assert_eq!(check_csr("hello").unwrap_err(), CsrError::NotPem);
         let cert_label = "-----BEGIN CERTIFICATE-----\nMAA=\n-----END CERTIFICATE-----\n";
-        assert_eq!(check_csr(cert_label), Err(CsrError::NotPem));
+        assert_eq!(check_csr(cert_label).unwrap_err(), CsrError::NotPem);
         let empty_seq = "-----BEGIN CERTIFICATE REQUEST-----\nMAA=\n-----END CERTIFICATE REQUEST-----\n";
         assert!(matches!(check_csr(empty_seq), Err(CsrError::Der(_))));
     }

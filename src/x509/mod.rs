@@ -1,9 +1,11 @@
 //! X.509 certificates signed inside the hardware (`x509-cert` builder driven by a
 //! [`crate::keys::HardwareSigner`]).
 
+mod crl;
 mod leaf;
 
-pub use leaf::{CsrError, check_csr, issue_end_entity};
+pub use crl::{RevokedEntry, build_crl};
+pub use leaf::{CheckedCsr, CsrError, IssuedCert, San, check_csr, issue_end_entity};
 pub(crate) use leaf::{first_element, first_tlv};
 
 use std::str::FromStr;
@@ -57,6 +59,18 @@ fn random_serial() -> Result<SerialNumber, X509Error> {
     bytes[0] &= 0x7f;
     bytes[0] |= 0x01;
     SerialNumber::new(&bytes).map_err(|e| X509Error::Build(e.to_string()))
+}
+
+/// A serial number as lowercase hex without leading zeros (how openssl and keygate's API
+/// show it).
+pub fn serial_hex(serial: &SerialNumber) -> String {
+    let hex = hex::encode(serial.as_bytes());
+    let trimmed = hex.trim_start_matches('0');
+    if trimmed.is_empty() {
+        "0".into()
+    } else {
+        trimmed.into()
+    }
 }
 
 /// Builds the self-signed CA certificate of a hardware key: CA:TRUE, keyCertSign and cRLSign,
