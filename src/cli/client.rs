@@ -12,19 +12,25 @@ use crate::api::Problem;
 /// which means `http://` on a loopback address (keygate's default listen address serves
 /// plain HTTP there) and `https://` anywhere else.
 pub fn server_url(server: &str) -> anyhow::Result<String> {
-    let s = server.trim().trim_end_matches('/');
+    let raw = server.trim();
+    let s = raw.trim_end_matches('/');
     if s.is_empty() {
         bail!("--server is empty: give a URL like https://keygate.example.com or 127.0.0.1:8080");
     }
-    let full = match s.split_once("://") {
-        Some((scheme, _)) if scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https") => {
+    let full = match raw.split_once("://") {
+        Some((scheme, rest))
+            if scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https") =>
+        {
+            if rest.trim_end_matches('/').is_empty() {
+                bail!("--server {raw:?} names no host");
+            }
             s.to_owned()
         }
         Some((scheme, _)) => bail!("--server {s:?}: the scheme {scheme:?} is not http or https"),
         None => {
             let host = s.split('/').next().unwrap_or(s);
             let host = match host.rsplit_once(':') {
-                Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+                Some((h, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => h,
                 _ => host,
             };
             let host = host.trim_start_matches('[').trim_end_matches(']');
@@ -237,7 +243,7 @@ mod tests {
         for (given, why) in [
             ("", "empty"),
             ("ftp://x", "not http or https"),
-            ("http://", "not a URL"),
+            ("http://", "names no host"),
             ("http://x?y=1", "base URL only"),
             ("a b:80", "not a URL"),
         ] {

@@ -78,7 +78,9 @@ pub fn build_crl(
         let issuer = ca_cert.tbs_certificate().subject();
         let crl_entry_extensions = match e.reason.as_deref().and_then(reason_code) {
             Some(code) => {
-                let ext = code.to_extension(issuer, &Extensions::new()).map_err(|e| build(&e))?;
+                let ext = code
+                    .to_extension(issuer, &Extensions::new())
+                    .map_err(|e| build(&e))?;
                 Some(vec![ext])
             }
             None => None,
