@@ -13,6 +13,7 @@ mod certificates;
 mod cli;
 mod cli_full;
 mod connections;
+mod deploy;
 mod ecosystem;
 mod enroll;
 mod faults;

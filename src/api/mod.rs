@@ -99,6 +99,26 @@ pub fn metrics_handle() -> PrometheusHandle {
                 "Writes committed together in one store transaction (group commit)"
             );
             metrics::describe_gauge!("keygate_http_connections", "HTTP connections open now");
+            metrics::describe_gauge!(
+                "keygate_backend_ready",
+                "1 while the key backend signs the readiness digest within 2 s (checked every 15 s)"
+            );
+            metrics::describe_gauge!(
+                "keygate_store_ready",
+                "1 while the store answers within 2 s (checked every 15 s)"
+            );
+            metrics::describe_gauge!(
+                "keygate_audit_last_entry_timestamp_seconds",
+                "Unix time of the newest audit entry (0: none)"
+            );
+            metrics::describe_gauge!(
+                "keygate_audit_last_checkpoint_timestamp_seconds",
+                "Unix time of the newest hardware-signed audit checkpoint (0: none)"
+            );
+            metrics::describe_gauge!(
+                "keygate_key_retire_timestamp_seconds",
+                "Unix time the rotation schedule replaces this device's active key (absent without a schedule)"
+            );
             metrics::describe_counter!(
                 "keygate_rate_limited_total",
                 "Requests to redemption or enrollment answered 429: their source was past http.per_source_per_second"

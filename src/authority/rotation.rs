@@ -46,6 +46,19 @@ impl Authority {
         &self.device
     }
 
+    /// (kid, when the schedule replaces it) for this device's active key, when a schedule
+    /// is set (`rotation.rotate_every_seconds`).
+    pub async fn scheduled_retirement(&self) -> Result<Option<(String, i64)>, AuthorityError> {
+        if self.settings.rotate_every <= 0 {
+            return Ok(None);
+        }
+        let keys = self.store.signing_keys().await?;
+        Ok(keys
+            .into_iter()
+            .find(|k| k.device == self.device && k.state == "active")
+            .and_then(|k| Some((k.kid, k.activated_at? + self.settings.rotate_every))))
+    }
+
     /// Reads the keys from the store and the device again and puts the new ring in force.
     pub async fn reload_keys(&self) -> Result<(), AuthorityError> {
         let _one = self.reload_lock.lock().await;

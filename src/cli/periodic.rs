@@ -43,6 +43,7 @@ pub fn start(authority: Arc<Authority>, config: &Config) -> Periodic {
         tokio::spawn(rotation(authority.clone(), check, lease_every)),
         tokio::spawn(audit(authority.clone(), checkpoint_every, lease_every)),
         tokio::spawn(refusal_summaries(authority.clone())),
+        tokio::spawn(health(authority.clone())),
         tokio::spawn(key_changes(authority)),
     ])
 }
@@ -54,6 +55,38 @@ async fn refusal_summaries(authority: Arc<Authority>) {
     loop {
         tick.tick().await;
         authority.flush_refusals(false).await;
+    }
+}
+
+/// How often the readiness and audit gauges are refreshed.
+const HEALTH_EVERY: Duration = Duration::from_secs(15);
+
+/// Gauges alerts read without anyone polling `/readyz`: whether the key backend signs and
+/// the store answers (each within 2 s), when the newest audit entry and signed checkpoint
+/// were made, and when the schedule replaces this device's active key. Every replica, for
+/// itself.
+async fn health(authority: Arc<Authority>) {
+    let limit = Duration::from_secs(2);
+    let mut tick = tokio::time::interval(HEALTH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let up = |r: Result<Result<(), _>, _>| if matches!(r, Ok(Ok(()))) { 1.0 } else { 0.0 };
+        let backend = tokio::time::timeout(limit, authority.probe_backend()).await;
+        metrics::gauge!("keygate_backend_ready").set(up(backend));
+        let store = tokio::time::timeout(limit, authority.probe_store()).await;
+        metrics::gauge!("keygate_store_ready").set(up(store));
+        if let Ok(Ok((entry, checkpoint))) =
+            tokio::time::timeout(limit, authority.store().audit_times()).await
+        {
+            metrics::gauge!("keygate_audit_last_entry_timestamp_seconds").set(entry.unwrap_or(0) as f64);
+            metrics::gauge!("keygate_audit_last_checkpoint_timestamp_seconds")
+                .set(checkpoint.unwrap_or(0) as f64);
+        }
+        // a replaced key keeps its old, earlier value: alerts take the max
+        if let Ok(Ok(Some((kid, at)))) = tokio::time::timeout(limit, authority.scheduled_retirement()).await {
+            metrics::gauge!("keygate_key_retire_timestamp_seconds", "kid" => kid).set(at as f64);
+        }
     }
 }
 

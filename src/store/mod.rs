@@ -450,6 +450,17 @@ impl Store {
             .collect())
     }
 
+    /// Unix times of the newest audit entry and of the newest signed checkpoint.
+    pub async fn audit_times(&self) -> Result<(Option<i64>, Option<i64>), StoreError> {
+        Ok(self
+            .read()
+            .fetch_one(
+                "SELECT (SELECT max(at) FROM audit_log), (SELECT max(at) FROM audit_checkpoints)",
+                &[],
+            )
+            .await?)
+    }
+
     /// (seq, hash) of the newest audit entry, if any.
     pub async fn audit_head(&self) -> Result<Option<(i64, String)>, StoreError> {
         Ok(self
