@@ -5,6 +5,7 @@
 #[macro_use]
 mod common;
 
+mod api_doc;
 mod attest;
 mod audit;
 mod auth;

@@ -46,6 +46,9 @@ if pgrep -f 'postgres.*keygate-test-pg' >/dev/null; then
   exit 1
 fi
 
+echo "== the README walk-through, as written" >&2
+softhsm-tests/readme.sh
+
 echo "== keygate bench runs on SQLite and PostgreSQL (a smoke run; figures come from release builds)" >&2
 pg_url=${KEYGATE_TEST_PG_URL:-}
 pg_dir=
