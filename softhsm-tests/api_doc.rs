@@ -13,7 +13,9 @@ fn documented(doc: &str) -> BTreeSet<(String, String, String, String)> {
     doc.lines()
         .filter_map(|l| {
             let cells: Vec<&str> = l.strip_prefix("| `")?.split(" | ").collect();
-            let [method, path, cred, ok] = cells[..] else { return None };
+            let [method, path, cred, ok] = cells[..] else {
+                return None;
+            };
             Some((
                 method.trim_end_matches('`').to_owned(),
                 path.trim_matches('`').to_owned(),
@@ -27,7 +29,9 @@ fn documented(doc: &str) -> BTreeSet<(String, String, String, String)> {
 /// Property names of the schema `s` points at (through `$ref`, or an array's items).
 fn members(doc: &Value, s: &Value) -> Vec<String> {
     let s = if s["type"] == "array" { &s["items"] } else { s };
-    let Some(r) = s["$ref"].as_str() else { return Vec::new() };
+    let Some(r) = s["$ref"].as_str() else {
+        return Vec::new();
+    };
     let name = r.rsplit('/').next().unwrap();
     doc["components"]["schemas"][name]["properties"]
         .as_object()
@@ -39,7 +43,12 @@ fn members(doc: &Value, s: &Value) -> Vec<String> {
 async fn the_http_reference_matches_the_openapi_document() {
     let env = Env::new().await;
     let (base, _svc) = env.serve().await;
-    let api: Value = reqwest::get(format!("{base}/openapi.json")).await.unwrap().json().await.unwrap();
+    let api: Value = reqwest::get(format!("{base}/openapi.json"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/api.md")).unwrap();
     let mut generated = BTreeSet::new();
     for (path, ops) in api["paths"].as_object().unwrap() {
@@ -78,7 +87,10 @@ async fn the_http_reference_matches_the_openapi_document() {
                 names.push(p["name"].as_str().unwrap().to_owned());
             }
             for n in names {
-                assert!(section.contains(&format!("`{n}`")), "{heading} does not mention `{n}`");
+                assert!(
+                    section.contains(&format!("`{n}`")),
+                    "{heading} does not mention `{n}`"
+                );
             }
             generated.insert((m, path.clone(), cred, ok));
         }
