@@ -6,14 +6,18 @@
 # walk-through call. Needs root (debootstrap, chroot, mounts) and network access to Debian,
 # crates.io and npm. Takes as long as the suite plus the first build.
 #
-#   softhsm-tests/fresh-debian.sh [ROOT]     (default /var/tmp/keygate-fresh-debian)
+#   softhsm-tests/fresh-debian.sh [DIR]     (default /var/tmp/keygate-fresh-debian)
 #
-# The root is made once and reused (delete it for a truly fresh run); the clone inside it
-# is made afresh each time. Environment: KEYGATE_FUZZ_SECONDS and
+# DIR/base, the minimal root, is made once and kept as it is; each run copies it to
+# DIR/run, so every run starts from the same fresh root. The host's own extra CA
+# certificates (/usr/local/share/ca-certificates, e.g. an egress proxy's) are added to the
+# copy, as they would be on any machine of this network. Environment: KEYGATE_FUZZ_SECONDS and
 # KEYGATE_SCHEMATHESIS_EXAMPLES pass through (shorter runs).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
-root=${1:-/var/tmp/keygate-fresh-debian}
+dir=${1:-/var/tmp/keygate-fresh-debian}
+base=$dir/base
+root=$dir/run
 mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 [ "$(id -u)" -eq 0 ] || { echo "fresh-debian.sh: run as root" >&2; exit 1; }
 command -v debootstrap >/dev/null || { apt-get update -qq && apt-get install -y -qq debootstrap >/dev/null; }
@@ -21,17 +25,25 @@ rustup_home=${RUSTUP_HOME:-$HOME/.rustup}
 cargo_bin=${CARGO_HOME:-$HOME/.cargo}/bin
 [ -d "$rustup_home/toolchains" ] || { echo "fresh-debian.sh: no rustup toolchains in $rustup_home" >&2; exit 1; }
 
-if [ ! -e "$root/.keygate-base-ready" ]; then
-  rm -rf "$root"
-  debootstrap --variant=minbase bookworm "$root" "$mirror"
-  cp /etc/resolv.conf "$root/etc/resolv.conf"
-  # Rust needs a C toolchain to link; "Rust and gcc and nothing else"
-  chroot "$root" apt-get update -qq
-  chroot "$root" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+if [ ! -e "$base/.keygate-base-ready" ]; then
+  rm -rf "$base"
+  debootstrap --variant=minbase bookworm "$base" "$mirror"
+  cp /etc/resolv.conf "$base/etc/resolv.conf"
+  # Rust needs a C toolchain to link, and the clone needs git: "Rust and gcc and nothing
+  # else" (ca-certificates: Debian's CA list, which HTTPS needs anywhere)
+  chroot "$base" apt-get update -qq
+  chroot "$base" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
     gcc libc6-dev ca-certificates git >/dev/null
-  touch "$root/.keygate-base-ready"
+  touch "$base/.keygate-base-ready"
 fi
+rm -rf "$root"
+cp -a "$base" "$root"
 cp /etc/resolv.conf "$root/etc/resolv.conf"
+if ls /usr/local/share/ca-certificates/*.crt >/dev/null 2>&1; then
+  cp /usr/local/share/ca-certificates/*.crt "$root/usr/local/share/ca-certificates/"
+  chroot "$root" update-ca-certificates >/dev/null 2>&1
+fi
+ca=/etc/ssl/certs/ca-certificates.crt
 
 mounts=()
 bind() { mkdir -p "$root$2"; mount --bind "$1" "$root$2"; mounts=("$root$2" "${mounts[@]}"); }
@@ -54,6 +66,7 @@ git clone -q "$repo" "$root/src/keygate"
 chroot "$root" env -i HOME=/root TERM=dumb LANG=C.UTF-8 \
   PATH=/root/.cargo/bin:/opt/cargo-bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
   RUSTUP_HOME=/opt/rustup CARGO_HOME=/root/.cargo \
+  SSL_CERT_FILE=$ca NODE_EXTRA_CA_CERTS=$ca PIP_CERT=$ca REQUESTS_CA_BUNDLE=$ca CURL_CA_BUNDLE=$ca \
   ${KEYGATE_FUZZ_SECONDS:+KEYGATE_FUZZ_SECONDS=$KEYGATE_FUZZ_SECONDS} \
   ${KEYGATE_SCHEMATHESIS_EXAMPLES:+KEYGATE_SCHEMATHESIS_EXAMPLES=$KEYGATE_SCHEMATHESIS_EXAMPLES} \
   bash -c 'cd /src/keygate && timeout 3h softhsm-tests/run-all.sh'
