@@ -89,6 +89,14 @@ async fn serve_fails_with_one_clear_line() {
     let (ok, err) = serve_with(&env, &toml);
     assert_one_line(ok, &err, "run `keygate init` first");
     assert!(!fresh.join("keygate.db").exists(), "serve created a database");
+    // the same for a TPM backend (it said "unable to open database file")
+    let tpm = format!(
+        "data_dir = \"{}\"\nlisten = \"127.0.0.1:{}\"\nbackend = \"tpm\"\n[tpm]\ntcti = \"swtpm:host=127.0.0.1,port=1\"\n",
+        fresh.display(),
+        free_port()
+    );
+    let (ok, err) = serve_with(&env, &tpm);
+    assert_one_line(ok, &err, "run `keygate init` first");
 }
 
 #[tokio::test(flavor = "multi_thread")]
