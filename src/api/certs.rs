@@ -68,13 +68,12 @@ pub async fn revoke_certificate(
 ) -> Result<Json<CertificateRevokeResponse>, ApiError> {
     let who = authorize(&st, &headers, &remote, Scope::TokensRevoke).await?;
     let reason = optional_reason(&headers, body)?;
-    let at = st
+    let (serial, at) = st
         .authority
         .revoke_certificate(&who, &serial, reason, &remote)
         .await?;
-    let serial = serial.trim_start_matches('0').to_ascii_lowercase();
     Ok(Json(CertificateRevokeResponse {
-        serial: if serial.is_empty() { "0".into() } else { serial },
+        serial,
         revoked_at: rfc3339(at),
     }))
 }

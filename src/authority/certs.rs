@@ -19,14 +19,14 @@ fn normalize_serial(serial: &str) -> Result<String, AuthorityError> {
 
 impl Authority {
     /// Revokes the certificate `serial` (idempotent: revoking again answers the first time).
-    /// Its CA's CRL lists it from now on.
+    /// Its CA's CRL lists it from now on. Returns the serial as keygate spells it, and when.
     pub async fn revoke_certificate(
         &self,
         who: &Principal,
         serial: &str,
         reason: Option<String>,
         remote: &str,
-    ) -> Result<i64, AuthorityError> {
+    ) -> Result<(String, i64), AuthorityError> {
         super::revocations::check_reason(reason.as_deref())?;
         let serial = normalize_serial(serial)?;
         let at = now();
@@ -38,14 +38,15 @@ impl Authority {
         let rec = AuditRecord::new(&who.id, "certificate.revoke", &serial, "success", remote);
         let affected = self.store.write(vec![op], rec).await?;
         if affected.first().copied().unwrap_or(0) == 0 {
-            return self
+            let first = self
                 .store
                 .certificate_revoked_at(&serial)
                 .await?
                 .flatten()
-                .ok_or_else(|| AuthorityError::NotFound(format!("certificate {serial}")));
+                .ok_or_else(|| AuthorityError::NotFound(format!("certificate {serial}")))?;
+            return Ok((serial, first));
         }
-        Ok(at)
+        Ok((serial, at))
     }
 
     /// The DER CRL of the CA of `kid` (default: the active key), signed in the hardware:
