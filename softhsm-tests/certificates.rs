@@ -175,6 +175,15 @@ async fn sans_follow_the_token_and_revocation_reaches_the_crl(env: Env) {
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
+    // an IP address given as a DNS name would read back as an IP address: refused
+    let r = reqwest::Client::new()
+        .post(format!("{base}/v1/tokens"))
+        .bearer_auth(&env.admin)
+        .json(&json!({"subject": "s", "audience": "a", "sans": ["DNS:10.0.0.1"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
 
     // 5. The CRL: signed by the hardware-held CA, nextUpdate set, empty yet; openssl
     //    verify with -crl_check accepts both certificates.
@@ -291,5 +300,41 @@ async fn the_cli_issues_with_sans_revokes_a_certificate_and_fetches_the_crl() {
         &["crl", "-inform", "DER", "-in", "crl.der", "-out", "crl.pem"],
     );
     let why = verify_with_crl(dir, "w").unwrap_err();
+    assert!(why.contains("certificate revoked"), "{why}");
+}
+
+/// A machine revoked after its enrollment token expired: its AK certificate (which outlives
+/// the token) is still put on the CRL.
+#[tokio::test(flavor = "multi_thread")]
+async fn revoking_a_machine_lists_its_certificate_after_its_token_expired() {
+    use crate::common::swtpm::Swtpm;
+    use crate::common::tpm2tools::Client;
+    use crate::enroll::enroll;
+    use keygate::attest::TpmPublic;
+    let tpm = Swtpm::start();
+    let env = Env::with_toml("[enroll]\nmode = \"allowlist\"\ntoken_ttl_seconds = 1\n").await;
+    let (base, _svc) = env.serve().await;
+    let dir = env.dir.path();
+    let mut c = Client::new(&tpm.tcti());
+    let ek = TpmPublic::from_tpm2b(&c.create_ek("ecc"), "ek").unwrap();
+    c.create_ak("ak");
+    let r = reqwest::Client::new()
+        .post(format!("{base}/v1/enroll/machines"))
+        .bearer_auth(&env.admin)
+        .json(&json!({"ek_hash": ek.ek_hash(), "name": "node-9"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let (status, p) = enroll(&base, &c).await;
+    assert_eq!(status, 200, "{p}");
+    save_chain(dir, "ak", p["certificate"].as_str().unwrap());
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    let path = format!("/v1/enroll/machines/{}", ek.ek_hash());
+    let r = crate::common::delete_authed(&base, &path, &env.admin).await;
+    assert_eq!(r.status(), 204);
+    let crl = fetch_crl(&base, dir).await;
+    assert!(crl.contains("Cessation Of Operation"), "{crl}");
+    let why = verify_with_crl(dir, "ak").unwrap_err();
     assert!(why.contains("certificate revoked"), "{why}");
 }

@@ -160,6 +160,11 @@ async fn the_cli_covers_tokens_from_issue_to_revocation() {
     // a server address that is not one: the reason, in one line
     refused(&kg(&["keys", "list", "--server", "ftp://x"]), "not http or https");
     refused(&kg(&["keys", "list", "--server", "a b:1"]), "is not a URL");
+    // a jti cannot steer the request elsewhere (the URL parser reads \ as / and resolves ..)
+    refused(
+        &kg(&["token", "revoke", "--server", &bare, "..\\keys\\rotate#"]),
+        "is not a jti",
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

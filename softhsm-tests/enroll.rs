@@ -80,7 +80,7 @@ pub(crate) fn complete_body(c: &Client, ch: &Value) -> Value {
 }
 
 /// A whole enrollment through the API with tpm2-tools; the (status, answer) of completion.
-async fn enroll(base: &str, c: &Client) -> (u16, Value) {
+pub(crate) async fn enroll(base: &str, c: &Client) -> (u16, Value) {
     let (s, ch) = post(base, "/v1/enroll/challenge", &challenge_body(c, "ak")).await;
     assert_eq!(s, 200, "{ch}");
     post(base, "/v1/enroll/complete", &complete_body(c, &ch)).await

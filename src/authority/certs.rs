@@ -2,10 +2,45 @@
 //! hardware (RFC 5280), which lists the certificates it issued that are revoked on their
 //! own or through their token or machine.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
 use super::{Authority, AuthorityError, Principal, now};
 use crate::audit::AuditRecord;
 use crate::store::{CertOp, WriteOp};
 use crate::x509::RevokedEntry;
+
+/// How long a signed CRL is reused: `/v1/crl` is public, and each new CRL is a signature
+/// in the device. A revocation made through this process clears the cache at once; one made
+/// on another replica reaches this replica's CRL within this time.
+const CRL_REUSE: Duration = Duration::from_secs(5);
+
+/// Signed CRLs by kid, with when they were made.
+#[derive(Default)]
+pub(crate) struct CrlCache(Mutex<HashMap<String, (Instant, Vec<u8>)>>);
+
+impl CrlCache {
+    fn get(&self, kid: &str) -> Option<Vec<u8>> {
+        let map = self.0.lock().ok()?;
+        map.get(kid)
+            .filter(|(made, _)| made.elapsed() < CRL_REUSE)
+            .map(|(_, der)| der.clone())
+    }
+
+    fn put(&self, kid: &str, der: &[u8]) {
+        if let Ok(mut map) = self.0.lock() {
+            map.insert(kid.to_owned(), (Instant::now(), der.to_vec()));
+        }
+    }
+
+    /// Forgets every CRL (a revocation happened).
+    pub(crate) fn clear(&self) {
+        if let Ok(mut map) = self.0.lock() {
+            map.clear();
+        }
+    }
+}
 
 /// A serial as the API takes it: hex, at most 20 bytes (RFC 5280 §4.1.2.2); lowercased,
 /// leading zeros dropped (as keygate records it).
@@ -37,6 +72,7 @@ impl Authority {
         });
         let rec = AuditRecord::new(&who.id, "certificate.revoke", &serial, "success", remote);
         let affected = self.store.write(vec![op], rec).await?;
+        self.crl_cache.clear();
         if affected.first().copied().unwrap_or(0) == 0 {
             let first = self
                 .store
@@ -59,6 +95,9 @@ impl Authority {
             ring.published.iter().find(|k| k.row.kid == kid).ok_or_else(|| {
                 AuthorityError::NotFound(format!("CRL of key {kid}: no such published key"))
             })?;
+        if let Some(der) = self.crl_cache.get(kid) {
+            return Ok(der);
+        }
         let signer = key.signer.clone().ok_or_else(|| {
             AuthorityError::NotFound(format!(
                 "CRL of key {kid}: its device is another replica's; ask that replica"
@@ -89,7 +128,10 @@ impl Authority {
             .sign_blocking(move || crate::x509::build_crl(&signer, &ca_pem, &entries, t, next, number))
             .await?;
         match built {
-            Ok(der) => Ok(der),
+            Ok(der) => {
+                self.crl_cache.put(kid, &der);
+                Ok(der)
+            }
             Err(e) => match self.probe_backend().await {
                 Err(unavailable) => Err(unavailable),
                 Ok(()) => Err(AuthorityError::Internal(e.to_string())),

@@ -572,6 +572,7 @@ impl Authority {
         if n > 0 {
             metrics::counter!("keygate_tokens_revoked_total").increment(n);
         }
+        self.crl_cache.clear();
         Ok(n)
     }
 }

@@ -133,6 +133,8 @@ pub struct Authority {
     pub(crate) api_token_cache: apitokens::Cache,
     /// Unix ms of the last successful backend probe (0: none or failed).
     last_probe_ok_ms: AtomicI64,
+    /// Signed CRLs by kid, reused for a few seconds (`certs.rs`).
+    pub(crate) crl_cache: certs::CrlCache,
     /// One signing thread per backend session (`keys/queue.rs`).
     sign_queue: SignQueue,
     /// Refusals without a verified identity, aggregated per window (`refusals.rs`).
@@ -177,6 +179,7 @@ impl Authority {
             api_token_cache: apitokens::Cache::new(store.kind() == crate::store::StoreKind::Sqlite),
             device,
             last_probe_ok_ms: AtomicI64::new(0),
+            crl_cache: certs::CrlCache::default(),
             sign_queue,
             store,
             backend,

@@ -209,6 +209,7 @@ impl Authority {
             return earlier.ok_or_else(|| AuthorityError::NotFound(format!("token {jti}")));
         }
         metrics::counter!("keygate_tokens_revoked_total").increment(1);
+        self.crl_cache.clear();
         Ok(at)
     }
 

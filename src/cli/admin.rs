@@ -5,7 +5,7 @@ use clap::Subcommand;
 use serde_json::json;
 
 use super::ClientArgs;
-use super::client::{Api, table};
+use super::client::{Api, segment, table};
 use crate::api::{ApiTokenView, AuditPage, CreateApiTokenResponse, KeyView, MachineView};
 
 #[derive(Debug, Subcommand)]
@@ -143,18 +143,6 @@ fn ek_hash(h: &str) -> anyhow::Result<&str> {
         bail!("{h:?} is not an EK hash (64 lowercase hex digits)");
     }
     Ok(h)
-}
-
-/// A path segment as given (ids, kids), refused when it could change the path.
-fn segment<'a>(what: &str, v: &'a str) -> anyhow::Result<&'a str> {
-    if v.is_empty()
-        || !v
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    {
-        bail!("{v:?} is not {what}");
-    }
-    Ok(v)
 }
 
 fn opt(v: &Option<String>) -> String {

@@ -183,6 +183,18 @@ async fn decode<T: DeserializeOwned>(res: reqwest::Response) -> anyhow::Result<T
     serde_json::from_str(text).with_context(|| format!("unexpected answer from {url}"))
 }
 
+/// A path segment as given (ids, kids), refused when it could change the path.
+pub fn segment<'a>(what: &str, v: &'a str) -> anyhow::Result<&'a str> {
+    if v.is_empty()
+        || !v
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        bail!("{v:?} is not {what}");
+    }
+    Ok(v)
+}
+
 /// A value given on the command line, or `-` for standard input (trimmed).
 pub fn arg_or_stdin(value: &str, what: &str) -> anyhow::Result<Zeroizing<String>> {
     if value != "-" {

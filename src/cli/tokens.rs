@@ -104,9 +104,7 @@ pub async fn run(cmd: TokenCommand) -> anyhow::Result<()> {
     match cmd {
         TokenCommand::Issue(a) => issue(a).await,
         TokenCommand::Revoke { client, jti, reason } => {
-            if jti.is_empty() || jti.len() > 256 || jti.chars().any(|c| c.is_control() || c == '/') {
-                bail!("{jti:?} is not a jti");
-            }
+            let jti = super::client::segment("a jti", &jti)?;
             let body = match reason {
                 Some(r) => json!({ "reason": r }),
                 None => json!({}),

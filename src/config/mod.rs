@@ -117,7 +117,8 @@ fn hide_values(message: &str) -> String {
         let Some(start) = out.find(lead).map(|i| i + lead.len()) else {
             continue;
         };
-        let end = out[start..].find(", expected").map_or(out.len(), |i| start + i);
+        // the last one: a value may itself contain ", expected"
+        let end = out[start..].rfind(", expected").map_or(out.len(), |i| start + i);
         // keep the kind of value (`string`, `integer`), drop the value itself
         let kind = out[start..end]
             .split_once(' ')
@@ -290,6 +291,11 @@ impl Config {
             ));
         }
         let t = &self.tokens;
+        if !(1..=604_800).contains(&t.revocation_list_ttl_seconds) {
+            return Err(ConfigError::Invalid(
+                "tokens.revocation_list_ttl_seconds must be 1 to 604800 (a week)".into(),
+            ));
+        }
         if t.max_ttl_seconds == 0 || t.default_ttl_seconds == 0 {
             return Err(ConfigError::Invalid("tokens TTLs must be positive".into()));
         }

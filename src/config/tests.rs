@@ -31,6 +31,9 @@ fn unknown_fields_are_refused() {
         }
         assert!(e.starts_with("line "), "{e}");
     }
+    // a value that itself holds ", expected" is hidden whole
+    let e = Config::parse("backend=\"x, expected s3cr3t\"").unwrap_err();
+    assert!(!e.contains("s3cr3t"), "{e}");
     let e = Config::parse("[pkcs11]\nmodule=\"/x\"\ntoken_label=\"a\"\npin=\"1234\"").unwrap_err();
     assert!(
         e.starts_with("line 4: unknown variant (value not shown), expected"),
@@ -47,6 +50,8 @@ fn bad_values_are_refused() {
         "[pkcs11]\nmodule=\"/x\"\ntoken_label=\"a\"\npin={file=\"/p\"}\nacquire_timeout_ms=0",
         "[pkcs11]\nmodule=\"/x\"\npin={file=\"/p\"}",
         "issuer=\"https://x.example/\"",
+        "[tokens]\nrevocation_list_ttl_seconds=0",
+        "[tokens]\nrevocation_list_ttl_seconds=99999999999",
     ] {
         let c = Config::parse(text).unwrap();
         assert!(c.validate().is_err(), "{text}");

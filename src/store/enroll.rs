@@ -140,6 +140,16 @@ pub(super) async fn apply(ex: &mut Exec<'_>, op: &EnrollOp) -> Result<(u64, Opti
                     &args,
                 )
                 .await?;
+            // and its certificates (AK certificates outlive the enrollment token), so the CRL
+            // lists them whether or not their token has expired
+            ex.execute(
+                &format!(
+                    "UPDATE certificates SET revoked_at = $1, revoke_reason = 'machine revoked'
+                     WHERE revoked_at IS NULL AND not_after > $1 AND jti IN ({tokens})"
+                ),
+                &args,
+            )
+            .await?;
             Ok((n, (n > 0).then_some(Change::Revoked)))
         }
     }

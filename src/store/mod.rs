@@ -347,14 +347,18 @@ impl Store {
         Ok(r.0.unwrap_or(0))
     }
 
-    /// How many tokens signed by `kid` are valid at `now` or later, and the latest `exp` of
-    /// any token it signed (None: it signed none).
+    /// How many tokens and certificates signed by `kid` are valid at `now` or later, and the
+    /// latest end (`exp`, certificate `notAfter`) of any of them (None: it signed none). A key
+    /// stays published, and its CA signs CRLs, until both have passed.
     pub async fn tokens_signed_by(&self, kid: &str, now: i64) -> Result<(i64, Option<i64>), StoreError> {
         Ok(self
             .read()
             .fetch_one(
-                "SELECT (SELECT count(*) FROM issued_tokens WHERE kid = $1 AND exp > $2),
-                        (SELECT max(exp) FROM issued_tokens WHERE kid = $1)",
+                "SELECT (SELECT count(*) FROM issued_tokens WHERE kid = $1 AND exp > $2)
+                      + (SELECT count(*) FROM certificates WHERE kid = $1 AND not_after > $2),
+                        (SELECT max(t) FROM (SELECT exp AS t FROM issued_tokens WHERE kid = $1
+                                             UNION ALL
+                                             SELECT not_after FROM certificates WHERE kid = $1) AS ends)",
                 &[Arg::Text(kid), Arg::Int(now)],
             )
             .await?)

@@ -87,6 +87,10 @@ impl San {
         if kind == Some("ip") {
             return Err(format!("{v:?} is not an IP address"));
         }
+        if v.parse::<std::net::IpAddr>().is_ok() {
+            // kept as a plain string in the token, it would read back as an IP address
+            return Err(format!("{v:?} is an IP address, not a DNS name: write IP:{v}"));
+        }
         let name = v.to_ascii_lowercase();
         let labels = name.strip_prefix("*.").unwrap_or(&name);
         let ok_label = |l: &str| {
