@@ -5,7 +5,7 @@ use serde_json::{Value, json};
 
 use crate::common::{Env, create_api_token, get_authed, introspect, issue, jwks, metric, revoke};
 
-async fn revocations(base: &str, query: &str) -> reqwest::Response {
+pub(crate) async fn revocations(base: &str, query: &str) -> reqwest::Response {
     reqwest::get(format!("{base}/v1/revocations{query}"))
         .await
         .unwrap()

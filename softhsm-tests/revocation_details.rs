@@ -10,9 +10,8 @@ use crate::common::{Env, issue, jwks, revoke};
 use crate::stream::SseClient;
 
 async fn list(base: &str) -> String {
-    reqwest::get(format!("{base}/v1/revocations"))
+    crate::revocation::revocations(base, "")
         .await
-        .unwrap()
         .text()
         .await
         .unwrap()

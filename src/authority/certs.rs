@@ -132,10 +132,7 @@ impl Authority {
                 self.crl_cache.put(kid, &der);
                 Ok(der)
             }
-            Err(e) => match self.probe_backend().await {
-                Err(unavailable) => Err(unavailable),
-                Ok(()) => Err(AuthorityError::Internal(e.to_string())),
-            },
+            Err(e) => Err(self.x509_failure(e).await),
         }
     }
 }

@@ -320,6 +320,15 @@ impl Authority {
         Ok(self.store.ping().await?)
     }
 
+    /// What a failed certificate or CRL build means. The x509 builder does not say whether
+    /// the device failed; a probe does (then 503, else 500).
+    pub(super) async fn x509_failure(&self, e: crate::x509::X509Error) -> AuthorityError {
+        match self.probe_backend().await {
+            Err(unavailable) => unavailable,
+            Ok(()) => AuthorityError::Internal(e.to_string()),
+        }
+    }
+
     /// Signs a fixed digest with the active key: the readiness probe of the backend. A
     /// success is reused for [`PROBE_REUSE_MS`], so polling the public `/readyz` cannot turn
     /// into load on the HSM; a failure is never reused.

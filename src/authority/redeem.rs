@@ -289,11 +289,7 @@ impl Authority {
                     not_after: c.not_after,
                 },
             )),
-            // The builder does not say whether the device failed; a probe does (503 then).
-            Err(e) => match self.probe_backend().await {
-                Err(unavailable) => Err(unavailable),
-                Ok(()) => Err(AuthorityError::Internal(e.to_string())),
-            },
+            Err(e) => Err(self.x509_failure(e).await),
         }
     }
 }
