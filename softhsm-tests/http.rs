@@ -86,11 +86,18 @@ async fn token_from_http_verifies_with_jwks_only_and_independent_implementations
         ("node-7", Some("provision read:cfg"), Some(true))
     );
     assert_eq!(c.exp - c.iat, 600);
+    // The jti: a millisecond timestamp (6 bytes, at iat) and 128 random bits.
+    let raw = b64::decode(&c.jti).unwrap();
     assert_eq!(
-        b64::decode(&c.jti).unwrap().len(),
-        16,
-        "jti carries 128 random bits"
+        raw.len(),
+        22,
+        "jti carries a 48-bit timestamp and 128 random bits"
     );
+    let mut ms = [0u8; 8];
+    ms[2..].copy_from_slice(&raw[..6]);
+    // (read just after iat: the same second, or the next)
+    let late = u64::from_be_bytes(ms) as i64 / 1000 - c.iat;
+    assert!((0..=1).contains(&late), "jti time {late} s after iat");
     assert_eq!(out["jti"], c.jti.as_str());
 
     // an independent JOSE library
