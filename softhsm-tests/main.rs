@@ -21,6 +21,7 @@ mod faults;
 mod hostile;
 mod hsm;
 mod http;
+mod keyproof;
 mod network;
 mod process;
 mod redeem;

@@ -71,11 +71,10 @@ fn conformance(backend: Arc<dyn KeyBackend>, absent_uri: &str) -> String {
 
 fn tpm_config(tpm: &Swtpm, auth: Option<SecretSource>) -> TpmConfig {
     TpmConfig {
-        tcti: tpm.tcti(),
         handle_base: 0x8101_0100,
         handle_count: 16,
         auth,
-        timeout_ms: 2000,
+        ..TpmConfig::with_tcti(tpm.tcti())
     }
 }
 

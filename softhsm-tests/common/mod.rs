@@ -243,6 +243,15 @@ impl Env {
 
     /// Like [`Env::on_tpm_with`], on the PostgreSQL database `pg_url` when given.
     pub async fn on_tpm_store(tcti: &str, extra: &str, pg_url: Option<String>) -> Env {
+        Env::on_tpm_full(tcti, extra, pg_url, "").await
+    }
+
+    /// keygate on a TPM with extra lines in its `[tpm]` section (`ek = "p384"`, say).
+    pub async fn on_tpm_section(tcti: &str, tpm_lines: &str) -> Env {
+        Env::on_tpm_full(tcti, "", None, tpm_lines).await
+    }
+
+    async fn on_tpm_full(tcti: &str, extra: &str, pg_url: Option<String>, tpm_lines: &str) -> Env {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let store = match &pg_url {
@@ -251,7 +260,7 @@ impl Env {
         };
         let extra = unlimited(extra);
         let text = format!(
-            "data_dir = \"{data}\"\nlisten = \"127.0.0.1:{port}\"\nbackend = \"tpm\"\n{extra}\n{store}[tpm]\ntcti = \"{tcti}\"\ntimeout_ms = 2000\n",
+            "data_dir = \"{data}\"\nlisten = \"127.0.0.1:{port}\"\nbackend = \"tpm\"\n{extra}\n{store}[tpm]\ntcti = \"{tcti}\"\ntimeout_ms = 2000\n{tpm_lines}\n",
             data = dir.path().display(),
         );
         let config_path = dir.path().join("keygate.toml");

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use keygate::attest::ek_policy::{POLICY_A_SHA384, POLICY_C_SHA384};
+use keygate::keys::tpm::ek::ek_policy::{POLICY_A_SHA384, POLICY_C_SHA384};
 
 /// Runs a tool (`args[0]`) in `dir` on the TPM `tcti`, then flushes transient objects:
 /// swtpm has no resource manager.

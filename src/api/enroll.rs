@@ -134,7 +134,7 @@ impl From<MachineRow> for MachineView {
 }
 
 /// Decodes base64 in any common form (standard or URL-safe, padded or not).
-fn decode(field: &str, v: &str) -> Result<Vec<u8>, ApiError> {
+pub(super) fn decode(field: &str, v: &str) -> Result<Vec<u8>, ApiError> {
     let v = v.trim();
     [&STANDARD, &STANDARD_NO_PAD, &URL_SAFE, &URL_SAFE_NO_PAD]
         .iter()

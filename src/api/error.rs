@@ -40,6 +40,8 @@ pub enum ApiError {
     NotFound(String),
     MethodNotAllowed,
     Conflict(String),
+    /// Another replica answers for this resource (421).
+    Misdirected(String),
     PayloadTooLarge,
     UnsupportedMediaType(String),
     /// The source sent more than its rate to an endpoint without credential; retry after
@@ -95,6 +97,12 @@ impl ApiError {
                 "this endpoint does not accept that method".into(),
             ),
             Conflict(d) => (StatusCode::CONFLICT, "conflict", "Conflict", d.clone()),
+            Misdirected(d) => (
+                StatusCode::MISDIRECTED_REQUEST,
+                "misdirected",
+                "Misdirected request",
+                d.clone(),
+            ),
             PayloadTooLarge => (
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "payload-too-large",
@@ -238,6 +246,9 @@ impl From<AuthorityError> for ApiError {
             AuthorityError::Attestation(d) => ApiError::AttestationFailed(d),
             AuthorityError::Denied(d) => ApiError::Denied(d),
             AuthorityError::Conflict(d) => ApiError::Conflict(d),
+            AuthorityError::Misdirected(d) => ApiError::Misdirected(d),
+            // The device refused the client's input (a key-proof credential not made for it).
+            AuthorityError::Backend(crate::keys::KeyError::BadInput(d)) => ApiError::BadRequest(d),
             // Busy is load shedding at work (counted in keygate_requests_failed_total and
             // keygate_backend_shed_total), not a fault: an ERROR line per refused request
             // would flood the log exactly when the service is busiest.

@@ -6,6 +6,7 @@ mod dto;
 mod enroll;
 pub mod error;
 mod extract;
+pub mod keyproof;
 mod lifecycle;
 pub mod limit;
 mod openapi;
@@ -161,7 +162,9 @@ pub fn router(state: AppState) -> Router {
     let open = Router::new()
         .route("/v1/tokens/redeem", post(lifecycle::redeem))
         .route("/v1/enroll/challenge", post(enroll::challenge))
-        .route("/v1/enroll/complete", post(enroll::complete));
+        .route("/v1/enroll/complete", post(enroll::complete))
+        .route("/v1/keys/{kid}/proof/challenge", post(keyproof::challenge))
+        .route("/v1/keys/{kid}/proof", post(keyproof::answer));
     let open = match &state.source_limit {
         Some(l) => open.route_layer(axum::middleware::from_fn_with_state(l.clone(), limit::limit)),
         None => open,

@@ -9,7 +9,7 @@ use super::enroll::{
     MachineView, RegisterMachineRequest,
 };
 use super::error::Problem;
-use super::{certs, lifecycle, operator, public};
+use super::{certs, keyproof, lifecycle, operator, public};
 
 struct BearerAuth;
 
@@ -39,6 +39,7 @@ impl Modify for BearerAuth {
         lifecycle::redeem, lifecycle::revocation_stream, lifecycle::rotate_key, lifecycle::destroy_key,
         enroll::challenge, enroll::complete, enroll::register_machine, enroll::list_machines,
         enroll::revoke_machine, certs::crl, certs::revoke_certificate,
+        keyproof::challenge, keyproof::answer,
     ),
     components(schemas(
         Problem, IssueTokenRequest, IssueTokenResponse, IntrospectRequest, IntrospectResponse, KeyView,
@@ -47,14 +48,21 @@ impl Modify for BearerAuth {
         RotateRequest, RedeemRequestBody, RedeemResponse,
         EnrollChallengeRequest, EnrollChallengeResponse, EnrollCompleteRequest, EnrollCompleteResponse,
         RegisterMachineRequest, MachineView, ConfirmationView, OidcConfiguration,
-        certs::CertificateRevokeResponse,
+        certs::CertificateRevokeResponse, keyproof::KeyProofChallengeResponse, keyproof::KeyProofRequest,
+        keyproof::KeyProofResponse, keyproof::TpmEvidenceView, keyproof::Pkcs11EvidenceView,
     )),
     modifiers(&BearerAuth),
 )]
 struct ApiDoc;
 
 /// The endpoints anyone may call, rate-limited per source (429).
-const OPEN: [&str; 3] = ["/v1/tokens/redeem", "/v1/enroll/challenge", "/v1/enroll/complete"];
+const OPEN: [&str; 5] = [
+    "/v1/tokens/redeem",
+    "/v1/enroll/challenge",
+    "/v1/enroll/complete",
+    "/v1/keys/{kid}/proof/challenge",
+    "/v1/keys/{kid}/proof",
+];
 
 /// The document as JSON.
 pub fn document() -> String {

@@ -142,8 +142,8 @@ impl EkCaBundle {
 
     /// Checks `der` (an EK certificate) at Unix time `now`: it is within its validity, it is
     /// signed by a bundle certificate that is a CA within its own validity, and it certifies
-    /// exactly the key of `ek`.
-    pub fn verify(&self, der: &[u8], ek: &TpmPublic, now: i64) -> Result<(), EkCertError> {
+    /// exactly the key of `ek`. Returns the issuing CA's subject name.
+    pub fn verify(&self, der: &[u8], ek: &TpmPublic, now: i64) -> Result<String, EkCertError> {
         if der.len() > MAX_EK_CERT {
             return Err(EkCertError::Malformed(format!("longer than {MAX_EK_CERT} bytes")));
         }
@@ -167,7 +167,7 @@ impl EkCaBundle {
         let mut last = EkCertError::BadSignature(name_of(&cert, false));
         for a in candidates {
             match check_signature(&cert, tbs, &a.cert) {
-                Ok(()) => return usable_ca(&a.cert, now),
+                Ok(()) => return usable_ca(&a.cert, now).map(|()| name_of(&a.cert, true)),
                 Err(e @ EkCertError::Algorithm(_)) => last = e,
                 Err(_) => {}
             }
@@ -409,7 +409,7 @@ mod tests {
             EkCaBundle::from_certificates(ders.iter().map(|d| Certificate::from_der(d).unwrap()).collect())
         };
         let trusted = bundle(&[&ca]);
-        assert_eq!(trusted.verify(&ek_cert, &ek, now), Ok(()));
+        assert_eq!(trusted.verify(&ek_cert, &ek, now).map(|_| ()), Ok(()));
         // Before and after its validity.
         assert!(matches!(
             trusted.verify(&ek_cert, &ek, 1_600_000_000),
@@ -458,7 +458,10 @@ mod tests {
             Err(EkCertError::BadSignature(_))
         ));
         // ... and with both, the real one is found.
-        assert_eq!(bundle(&[&impostor, &ca]).verify(&ek_cert, &ek, now), Ok(()));
+        assert_eq!(
+            bundle(&[&impostor, &ca]).verify(&ek_cert, &ek, now).map(|_| ()),
+            Ok(())
+        );
         let not_ca = cert(
             "CN=Maker CA",
             "CN=Maker CA",

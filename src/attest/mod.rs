@@ -4,6 +4,7 @@
 
 mod credential;
 mod ekcert;
+pub mod keyproof;
 mod policy;
 mod public;
 mod quote;
@@ -15,7 +16,6 @@ pub use ekcert::{EkCaBundle, EkCertError, MAX_EK_CERT};
 pub use policy::PcrPolicy;
 pub use public::{Attributes, KeyKind, TpmPublic};
 pub use quote::{Quote, QuoteError, verify_quote};
-pub(crate) use reader::Reader;
 
 /// TCG algorithm identifiers used here (TPM 2.0 Library, Part 2, TPM_ALG_ID).
 pub mod alg {
@@ -29,18 +29,6 @@ pub mod alg {
     pub const ECDAA: u16 = 0x001A;
     pub const ECC: u16 = 0x0023;
     pub const CFB: u16 = 0x0043;
-}
-
-/// Policy digests of the TCG EK Credential Profile 2.x (hex). A high-range EK (the P-384
-/// template H-3, say) has authPolicy PolicyB = PolicyOR(PolicyA, PolicyC); satisfying it
-/// takes PolicySecret(endorsement) (that is PolicyA), then PolicyOR with both.
-pub mod ek_policy {
-    /// PolicySecret(TPM_RH_ENDORSEMENT) in a SHA-384 session.
-    pub const POLICY_A_SHA384: &str =
-        "8bbf2266537c171cb56e403c4dc1d4b64f432611dc386e6f532050c3278c930e143e8bb1133824ccb431053871c6db53";
-    /// PolicyAuthorizeNV of the profile's SHA-384 NV index.
-    pub const POLICY_C_SHA384: &str =
-        "d6032ce61f2fb3c240eb3cf6a33237ef2b6a16f4293c22b455e261cffd217ad5b4947c2d73e63005eed2dc2b3593d165";
 }
 
 /// Why a TPM structure or operation was refused. Messages are safe to show a client.

@@ -57,7 +57,7 @@ fn pad(v: &[u8], n: usize) -> Option<Vec<u8>> {
 }
 
 /// Checks `signature` (TPMT_SIGNATURE) over `message` with the AK; returns the hash used.
-fn check_signature(ak: &TpmPublic, message: &[u8], signature: &[u8]) -> Result<u16, QuoteError> {
+pub(super) fn check_signature(ak: &TpmPublic, message: &[u8], signature: &[u8]) -> Result<u16, QuoteError> {
     let mut r = Reader::new(signature, "signature");
     let sig_alg = r.u16()?;
     let hash = r.u16()?;

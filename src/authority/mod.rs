@@ -5,6 +5,7 @@ mod apitokens;
 mod certs;
 mod enroll;
 mod issue;
+mod keyproof;
 mod keyring;
 mod redeem;
 mod refusals;
@@ -17,6 +18,7 @@ use std::sync::{Arc, RwLock};
 pub use apitokens::{NewApiToken, PREFIX as API_TOKEN_PREFIX, Principal, Scope};
 pub use enroll::{Challenge, ChallengeRequest, CompleteRequest, EK_URN_PREFIX, EnrollSettings, Enrolled};
 pub use issue::{Introspection, IssueRequest, Issued};
+pub use keyproof::{ProofAnswer, ProofChallenge};
 pub use keyring::{ActiveKey, KeyRing, PublishedKey, ensure_active_key};
 pub use redeem::{RedeemRequest, Redeemed};
 pub use revocations::RevocationEvent;
@@ -54,6 +56,9 @@ pub enum AuthorityError {
     Denied(String),
     #[error("{0}")]
     Conflict(String),
+    /// This replica cannot answer for that resource (a TPM key of another replica); a 421.
+    #[error("{0}")]
+    Misdirected(String),
     /// The key backend cannot sign now.
     #[error("key backend unavailable: {0}")]
     Backend(#[from] KeyError),
@@ -135,6 +140,8 @@ pub struct Authority {
     last_probe_ok_ms: AtomicI64,
     /// Signed CRLs by kid, reused for a few seconds (`certs.rs`).
     pub(crate) crl_cache: certs::CrlCache,
+    /// Open key-proof challenges (`keyproof.rs`).
+    pub(crate) proof_challenges: keyproof::Challenges,
     /// One signing thread per backend session (`keys/queue.rs`).
     sign_queue: SignQueue,
     /// Refusals without a verified identity, aggregated per window (`refusals.rs`).
@@ -180,6 +187,7 @@ impl Authority {
             device,
             last_probe_ok_ms: AtomicI64::new(0),
             crl_cache: certs::CrlCache::default(),
+            proof_challenges: keyproof::Challenges::default(),
             sign_queue,
             store,
             backend,

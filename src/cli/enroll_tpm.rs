@@ -6,51 +6,17 @@
 use std::str::FromStr;
 
 use anyhow::{Context as _, anyhow, bail};
-use tss_esapi::abstraction::{AsymmetricAlgorithmSelection, DefaultKey, ak, ek, pcr};
-use tss_esapi::constants::SessionType;
-use tss_esapi::handles::{KeyHandle, SessionHandle};
+use tss_esapi::abstraction::{DefaultKey, ak, pcr};
+use tss_esapi::handles::KeyHandle;
 use tss_esapi::interface_types::algorithm::{HashingAlgorithm, SignatureSchemeAlgorithm};
-use tss_esapi::interface_types::ecc::EccCurve;
-use tss_esapi::interface_types::key_bits::RsaKeyBits;
-use tss_esapi::interface_types::session_handles::{AuthSession, PolicySession};
-use tss_esapi::structures::{
-    Data, Digest, DigestList, EncryptedSecret, IdObject, PcrSelectionListBuilder, PcrSlot, Public,
-    SignatureScheme, SymmetricDefinition,
-};
+use tss_esapi::interface_types::session_handles::AuthSession;
+use tss_esapi::structures::{Data, PcrSelectionListBuilder, PcrSlot, SignatureScheme};
 use tss_esapi::traits::Marshall;
 use tss_esapi::{Context, TctiNameConf};
 
-use crate::attest::ek_policy::{POLICY_A_SHA384, POLICY_C_SHA384};
-use crate::attest::{Reader, tpm2b};
-
-/// Which EK (TCG EK Credential Profile template).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum EkKind {
-    /// RSA-2048 (template L-1; certificate at NV 0x01c00002).
-    Rsa2048,
-    /// ECC NIST P-256 (template L-2; certificate at NV 0x01c0000a).
-    P256,
-    /// ECC NIST P-384 (template H-3; certificate at NV 0x01c00016).
-    P384,
-}
-
-impl EkKind {
-    fn selection(self) -> AsymmetricAlgorithmSelection {
-        match self {
-            EkKind::Rsa2048 => AsymmetricAlgorithmSelection::Rsa(RsaKeyBits::Rsa2048),
-            EkKind::P256 => AsymmetricAlgorithmSelection::Ecc(EccCurve::NistP256),
-            EkKind::P384 => AsymmetricAlgorithmSelection::Ecc(EccCurve::NistP384),
-        }
-    }
-
-    /// The hash of the EK's policy session.
-    fn policy_hash(self) -> HashingAlgorithm {
-        match self {
-            EkKind::P384 => HashingAlgorithm::Sha384,
-            _ => HashingAlgorithm::Sha256,
-        }
-    }
-}
+use crate::attest::tpm2b;
+pub use crate::keys::tpm::EkKind;
+use crate::keys::tpm::ek;
 
 /// A TPM with the EK and a loaded AK.
 pub struct Tpm {
@@ -66,23 +32,6 @@ pub struct Tpm {
     pub ek_certificate: Option<Vec<u8>>,
 }
 
-/// The bytes of a TPM2B from the server, without its size, checking the size.
-fn unwrap_tpm2b<'a>(what: &'static str, b: &'a [u8]) -> anyhow::Result<&'a [u8]> {
-    let mut r = Reader::new(b, what);
-    let v = r.tpm2b(b.len()).map_err(|e| anyhow!("the server's {e}"))?;
-    r.done().map_err(|e| anyhow!("the server's {e}"))?;
-    Ok(v)
-}
-
-/// The first DER element of `b` (some TPMs pad their NV indices).
-fn der_prefix(b: &[u8]) -> &[u8] {
-    crate::x509::first_tlv(b).unwrap_or(b)
-}
-
-fn public_tpm2b(p: &Public) -> anyhow::Result<Vec<u8>> {
-    Ok(tpm2b(&p.marshall().context("cannot marshal a public area")?))
-}
-
 impl Tpm {
     /// Opens the TPM at `tcti`, creates the EK of `kind` and an ECDSA P-256 AK under it,
     /// and reads the EK certificate if there is one.
@@ -92,15 +41,9 @@ impl Tpm {
         })?;
         let mut ctx = Context::new(conf)
             .map_err(|e| anyhow!("cannot open the TPM at {tcti}: is it there and reachable? ({e})"))?;
-        let ek = ek::create_ek_object_2(&mut ctx, kind.selection(), DefaultKey)
+        let ek = ek::create_ek(&mut ctx, kind)
             .map_err(|e| anyhow!("cannot create the EK from the TCG template: {e}"))?;
-        let ek_certificate = match ek::retrieve_ek_pubcert(&mut ctx, kind.selection()) {
-            Ok(c) => Some(der_prefix(&c).to_vec()),
-            Err(e) => {
-                tracing::info!(error = %e, "no EK certificate in NV for this EK");
-                None
-            }
-        };
+        let ek_certificate = ek::ek_certificate(&mut ctx, kind);
         let (ek_public, _, _) = ctx.read_public(ek).context("cannot read the EK")?;
         let created = ak::create_ak(
             &mut ctx,
@@ -120,8 +63,8 @@ impl Tpm {
         )
         .map_err(|e| anyhow!("cannot load the AK: {e}"))?;
         Ok(Tpm {
-            ek_pub: public_tpm2b(&ek_public)?,
-            ak_pub: public_tpm2b(&created.out_public)?,
+            ek_pub: ek::public_tpm2b(&ek_public)?,
+            ak_pub: ek::public_tpm2b(&created.out_public)?,
             ak_priv: tpm2b(created.out_private.value()),
             ek_certificate,
             ctx,
@@ -131,64 +74,20 @@ impl Tpm {
         })
     }
 
-    /// A policy session that satisfies the EK's authPolicy (PolicySecret(endorsement), and
-    /// for high-range EKs the PolicyOR with PolicyC).
-    fn ek_session(&mut self) -> anyhow::Result<AuthSession> {
-        let hash = self.kind.policy_hash();
-        let s = self
-            .ctx
-            .start_auth_session(
-                None,
-                None,
-                None,
-                SessionType::Policy,
-                SymmetricDefinition::AES_128_CFB,
-                hash,
-            )
-            .context("cannot start a policy session")?
-            .ok_or_else(|| anyhow!("the TPM started no policy session"))?;
-        let ps = PolicySession::try_from(s).context("policy session")?;
-        self.ctx
-            .execute_with_nullauth_session(|c| {
-                c.policy_secret(
-                    ps,
-                    tss_esapi::handles::AuthHandle::Endorsement,
-                    Default::default(),
-                    Default::default(),
-                    Default::default(),
-                    None,
-                )
-            })
-            .context("PolicySecret(endorsement) failed")?;
-        if hash == HashingAlgorithm::Sha384 {
-            let mut list = DigestList::new();
-            for d in [POLICY_A_SHA384, POLICY_C_SHA384] {
-                let bytes = hex::decode(d).context("policy digest")?;
-                list.add(Digest::try_from(bytes).context("policy digest")?)
-                    .context("policy digest")?;
-            }
-            self.ctx
-                .execute_without_session(|c| c.policy_or(ps, list))
-                .context("PolicyOR failed")?;
-        }
-        Ok(s)
-    }
-
     /// TPM2_ActivateCredential of the server's TPM2B_ID_OBJECT and TPM2B_ENCRYPTED_SECRET.
     pub fn activate(&mut self, id_object: &[u8], encrypted_secret: &[u8]) -> anyhow::Result<Vec<u8>> {
-        let id = IdObject::try_from(unwrap_tpm2b("id_object", id_object)?).context("id_object")?;
-        let secret = EncryptedSecret::try_from(unwrap_tpm2b("encrypted_secret", encrypted_secret)?)
-            .context("encrypted_secret")?;
-        let session = self.ek_session()?;
-        let (ak, ek) = (self.ak, self.ek);
-        let r = self
-            .ctx
-            .execute_with_sessions((Some(AuthSession::Password), Some(session), None), |c| {
-                c.activate_credential(ak, ek, id, secret)
-            });
-        let _ = self.ctx.flush_context(SessionHandle::from(session).into());
-        let digest = r.map_err(|e| anyhow!("the TPM refused to activate the credential: {e}"))?;
-        Ok(digest.value().to_vec())
+        ek::activate(
+            &mut self.ctx,
+            self.kind,
+            self.ak,
+            self.ek,
+            id_object,
+            encrypted_secret,
+        )
+        .map_err(|e| match e {
+            crate::keys::KeyError::BadInput(why) => anyhow!("the server's {why}"),
+            e => anyhow!("the TPM refused to activate the credential: {e}"),
+        })
     }
 
     /// A quote by the AK over `selection` (`sha256:0,1,2`) for `nonce`, and the PCR values
@@ -262,24 +161,5 @@ impl Tpm {
             }
         }
         bail!("the PCRs kept changing while quoting")
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn der_prefix_drops_padding() {
-        let mut b = vec![0x30, 0x03, 1, 2, 3];
-        b.extend_from_slice(&[0xff; 10]);
-        assert_eq!(der_prefix(&b), &[0x30, 0x03, 1, 2, 3]);
-        let mut long = vec![0x30, 0x82, 0x01, 0x00];
-        long.extend(vec![0u8; 0x100 + 5]);
-        assert_eq!(der_prefix(&long).len(), 4 + 0x100);
-        assert_eq!(der_prefix(&[0x30]), &[0x30]);
-        assert!(unwrap_tpm2b("x", &[0, 2, 1]).is_err());
-        assert!(unwrap_tpm2b("x", &[0, 1, 9, 9]).is_err());
-        assert_eq!(unwrap_tpm2b("x", &[0, 1, 9]).unwrap(), &[9]);
     }
 }

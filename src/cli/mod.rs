@@ -10,6 +10,8 @@ mod enroll_tpm;
 mod init;
 pub mod logging;
 mod periodic;
+mod prove;
+mod prove_out;
 mod serve;
 mod tokens;
 mod verify;
@@ -160,6 +162,10 @@ pub enum KeysCommand {
         #[arg(allow_hyphen_values = true)]
         kid: String,
     },
+    /// Check from the outside that the server's signing keys live in hardware: a TPM key
+    /// must pass every step of a key proof against the manufacturer CAs of --tpm-ca; a
+    /// PKCS#11 key is reported as not proven. Exit 0 only when every key is proven.
+    Prove(prove::ProveArgs),
 }
 
 /// Runs a parsed command line.
@@ -183,6 +189,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
             admin::rotate_key(client, activate_now).await
         }
         Command::Keys(KeysCommand::Destroy { client, kid }) => admin::destroy_key(client, &kid).await,
+        Command::Keys(KeysCommand::Prove(args)) => prove::run(args).await,
         Command::Verify(args) => verify::run(args, &config).await,
         Command::Bench(args) => bench::run(args, config).await,
         Command::Audit(AuditCommand::Verify(args)) => audit::verify(args, &config).await,

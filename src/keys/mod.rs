@@ -52,6 +52,9 @@ pub enum KeyError {
     Tpm { what: String, reason: String },
     #[error("cannot read {what}: {reason}")]
     Secret { what: String, reason: String },
+    /// The caller's input was refused by the device or before it (a client's mistake).
+    #[error("{0}")]
+    BadInput(String),
 }
 
 impl KeyError {
@@ -104,6 +107,77 @@ pub trait KeyBackend: Send + Sync + 'static {
     /// Removes the key at `uri` from the device for good. Callers check first, with
     /// [`KeyBackend::find_key`], that it is there.
     fn destroy_key(&self, uri: &str) -> Result<(), KeyError>;
+
+    /// What the device says of where the key at `uri` lives ([`KeyEvidence`]).
+    fn key_evidence(&self, uri: &str) -> Result<KeyEvidence, KeyError>;
+
+    /// A TPM's answer to a key-proof challenge: ActivateCredential of `id_object` and
+    /// `encrypted_secret` with its EK and AK, then TPM2_Certify of the key at `uri` by the AK
+    /// over `nonce`. Other devices have no such proof.
+    fn certify_key(
+        &self,
+        _uri: &str,
+        _id_object: &[u8],
+        _encrypted_secret: &[u8],
+        _nonce: &[u8],
+    ) -> Result<Certified, KeyError> {
+        Err(KeyError::BadInput(format!(
+            "the {} backend has no hardware key proof to answer",
+            self.kind()
+        )))
+    }
+}
+
+/// What a device says of where a key lives (`/v1/keys/{kid}/proof`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyEvidence {
+    /// A TPM key: what a verifier checks against the TPM's manufacturer CA.
+    Tpm(TpmEvidence),
+    /// A PKCS#11 key: its attributes as the module reports them. The module's own word,
+    /// not a proof: software (SoftHSM2) answers the same as hardware.
+    Pkcs11(Pkcs11Evidence),
+}
+
+/// The public half of a TPM key proof: all TCG wire formats.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TpmEvidence {
+    /// Which EK template (`rsa2048`, `p256`, `p384`).
+    pub ek_kind: &'static str,
+    /// TPM2B_PUBLIC of the EK.
+    pub ek_public: Vec<u8>,
+    /// DER EK certificate (from NV, or the file configured for TPMs without one).
+    pub ek_certificate: Option<Vec<u8>>,
+    /// TPM2B_PUBLIC of the attestation key: a restricted signing primary key in the
+    /// endorsement hierarchy, the same every time (derived from the endorsement seed).
+    pub ak_public: Vec<u8>,
+    /// TPM2B_PUBLIC of the signing key.
+    pub key_public: Vec<u8>,
+}
+
+/// A PKCS#11 key's attributes (None: the module would not say) and the token's identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pkcs11Evidence {
+    pub attributes: Vec<(&'static str, Option<bool>)>,
+    /// The token's manufacturer and model, as `C_GetTokenInfo` gives them.
+    pub token_manufacturer: String,
+    pub token_model: String,
+}
+
+/// A TPM's answer to a key-proof challenge.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Certified {
+    /// What ActivateCredential returned.
+    pub secret: Vec<u8>,
+    /// TPMS_ATTEST of TPM2_Certify (marshalled).
+    pub attest: Vec<u8>,
+    /// TPMT_SIGNATURE by the AK over `attest` (marshalled).
+    pub signature: Vec<u8>,
+}
+
+impl std::fmt::Debug for Certified {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Certified").finish_non_exhaustive()
+    }
 }
 
 /// Decodes an EC point as devices return it: raw SEC1, or wrapped in a DER OCTET STRING

@@ -198,6 +198,40 @@ impl Pkcs11Backend {
 /// `C_FindObjects` for private objects. A logged-out session cannot see them and the search
 /// just comes back empty, so an empty answer on a session that is not logged in is reported
 /// as `CKR_USER_NOT_LOGGED_IN`, which makes the pool log in again and retry.
+impl Pkcs11Backend {
+    /// The private key's attributes that say where it was made and whether it can leave
+    /// the token, as the module answers them (`None`: it would not say).
+    pub(super) fn protection_attributes(
+        &self,
+        uri: &str,
+    ) -> Result<Vec<(&'static str, Option<bool>)>, KeyError> {
+        let h = self.handle_for(uri)?;
+        let asked = [
+            ("CKA_LOCAL", AttributeType::Local),
+            ("CKA_NEVER_EXTRACTABLE", AttributeType::NeverExtractable),
+            ("CKA_ALWAYS_SENSITIVE", AttributeType::AlwaysSensitive),
+            ("CKA_EXTRACTABLE", AttributeType::Extractable),
+            ("CKA_SENSITIVE", AttributeType::Sensitive),
+        ];
+        let types: Vec<AttributeType> = asked.iter().map(|(_, t)| *t).collect();
+        let got = self.with_session(|s| s.get_attributes(h, &types))?;
+        Ok(asked
+            .iter()
+            .map(|(name, t)| {
+                let v = got.iter().find_map(|a| match (t, a) {
+                    (AttributeType::Local, Attribute::Local(b))
+                    | (AttributeType::NeverExtractable, Attribute::NeverExtractable(b))
+                    | (AttributeType::AlwaysSensitive, Attribute::AlwaysSensitive(b))
+                    | (AttributeType::Extractable, Attribute::Extractable(b))
+                    | (AttributeType::Sensitive, Attribute::Sensitive(b)) => Some(*b),
+                    _ => None,
+                });
+                (*name, v)
+            })
+            .collect())
+    }
+}
+
 fn find_private(s: &Session, template: &[Attribute]) -> Result<Vec<ObjectHandle>, CkError> {
     let found = s.find_objects(template)?;
     if found.is_empty() {

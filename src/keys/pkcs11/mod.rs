@@ -21,7 +21,7 @@ use cryptoki::object::ObjectHandle;
 use cryptoki::slot::Slot;
 use serde::{Deserialize, Serialize};
 
-use super::{KeyBackend, KeyError, KeyInfo, SecretSource};
+use super::{KeyBackend, KeyError, KeyEvidence, KeyInfo, Pkcs11Evidence, SecretSource};
 pub use session::rv_name;
 pub use token::init_token;
 pub use uri::Pkcs11Uri;
@@ -163,6 +163,8 @@ fn find_slot_locked(ctx: &Pkcs11, cfg: &Pkcs11Config) -> Result<Slot, KeyError> 
 /// The PKCS#11 key backend.
 pub struct Pkcs11Backend {
     token_label: String,
+    /// `C_GetTokenInfo`'s manufacturerID and model, trimmed.
+    token_maker: (String, String),
     simulator: bool,
     pool: session::SessionPool,
     /// Private-key handles by key URI, looked up once.
@@ -196,6 +198,10 @@ impl Pkcs11Backend {
         pool.warm_up()?;
         Ok(Pkcs11Backend {
             token_label: info.label().trim_end().to_owned(),
+            token_maker: (
+                info.manufacturer_id().trim_end().to_owned(),
+                info.model().trim_end().to_owned(),
+            ),
             simulator,
             pool,
             handles: Mutex::new(HashMap::new()),
@@ -266,5 +272,13 @@ impl KeyBackend for Pkcs11Backend {
 
     fn destroy_key(&self, uri: &str) -> Result<(), KeyError> {
         self.destroy(uri)
+    }
+
+    fn key_evidence(&self, uri: &str) -> Result<KeyEvidence, KeyError> {
+        Ok(KeyEvidence::Pkcs11(Pkcs11Evidence {
+            attributes: self.protection_attributes(uri)?,
+            token_manufacturer: self.token_maker.0.clone(),
+            token_model: self.token_maker.1.clone(),
+        }))
     }
 }

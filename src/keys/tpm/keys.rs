@@ -110,7 +110,7 @@ fn p256_of(public: &Public) -> Result<p256::PublicKey, KeyError> {
 }
 
 impl TpmBackend {
-    fn auth_value(&self) -> Result<Option<Auth>, KeyError> {
+    pub(super) fn auth_value(&self) -> Result<Option<Auth>, KeyError> {
         self.auth()
             .map(|a| Auth::try_from(a.expose_secret().as_bytes().to_vec()))
             .transpose()
@@ -118,7 +118,7 @@ impl TpmBackend {
     }
 
     /// Persistent handles in keygate's range that are in use.
-    fn used_handles(&self, ctx: &mut Context) -> Result<Vec<u32>, KeyError> {
+    pub(super) fn used_handles(&self, ctx: &mut Context) -> Result<Vec<u32>, KeyError> {
         let c = self.config();
         let (data, _) = ctx
             .get_capability(CapabilityType::Handles, c.handle_base, c.handle_count)
@@ -138,14 +138,14 @@ impl TpmBackend {
     }
 
     /// An ESYS object for a persistent handle (the caller closes it).
-    fn open_persistent(ctx: &mut Context, handle: u32) -> Result<ObjectHandle, KeyError> {
+    pub(super) fn open_persistent(ctx: &mut Context, handle: u32) -> Result<ObjectHandle, KeyError> {
         let tpm = PersistentTpmHandle::new(handle).map_err(|e| tss_error("handle", e))?;
         // measured on the development VM: libtss2-esys 3.2.1 crashes here with a password session set.
         ctx.execute_without_session(|ctx| ctx.tr_from_tpm_public(TpmHandle::Persistent(tpm)))
             .map_err(|e| tss_error(&format!("TR_FromTPMPublic(0x{handle:08x})"), e))
     }
 
-    fn read_key(&self, ctx: &mut Context, handle: u32) -> Result<Public, KeyError> {
+    pub(super) fn read_key(&self, ctx: &mut Context, handle: u32) -> Result<Public, KeyError> {
         let obj = Self::open_persistent(ctx, handle)?;
         let r = ctx.execute_without_session(|ctx| ctx.read_public(KeyHandle::from(obj)));
         let mut obj = obj;

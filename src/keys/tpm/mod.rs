@@ -6,7 +6,11 @@
 //! signing threads (`keys/queue.rs`) are one for this backend. When a call fails because the
 //! TPM went away, the context is dropped and the next call connects again.
 
+pub mod ek;
 mod keys;
+mod proof;
+
+pub use ek::EkKind;
 
 use std::str::FromStr;
 use std::sync::Mutex;
@@ -16,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use tss_esapi::Context;
 use tss_esapi::tcti_ldr::TctiNameConf;
 
-use super::{KeyBackend, KeyError, KeyInfo, SecretSource};
+use super::{Certified, KeyBackend, KeyError, KeyEvidence, KeyInfo, SecretSource};
 
 /// `[tpm]` configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,6 +40,13 @@ pub struct TpmConfig {
     /// How long a request waits for the TPM before failing with 503 (ms).
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
+    /// The EK that key proofs use (`rsa2048`, `p256`, `p384`). Absent: the first of these
+    /// whose certificate is in the TPM's NV.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ek: Option<EkKind>,
+    /// The EK certificate (DER or PEM) for a TPM that holds none in NV.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ek_certificate: Option<std::path::PathBuf>,
 }
 
 impl TpmConfig {
@@ -47,6 +58,8 @@ impl TpmConfig {
             handle_count: default_handle_count(),
             auth: None,
             timeout_ms: default_timeout_ms(),
+            ek: None,
+            ek_certificate: None,
         }
     }
 }
@@ -90,6 +103,8 @@ pub struct TpmBackend {
     ctx: Mutex<Option<Context>>,
     /// The device id, once asked (a CreatePrimary each time otherwise).
     device_id: std::sync::OnceLock<String>,
+    /// The endorsement half of key proofs, once made (two CreatePrimary and an NV read).
+    endorsement: std::sync::OnceLock<proof::Endorsement>,
 }
 
 impl std::fmt::Debug for TpmBackend {
@@ -126,6 +141,7 @@ impl TpmBackend {
             auth,
             ctx: Mutex::new(None),
             device_id: std::sync::OnceLock::new(),
+            endorsement: std::sync::OnceLock::new(),
         };
         backend.with_context(|_| Ok(()))?;
         Ok(backend)
@@ -211,6 +227,20 @@ impl KeyBackend for TpmBackend {
 
     fn destroy_key(&self, uri: &str) -> Result<(), KeyError> {
         self.destroy(uri)
+    }
+
+    fn key_evidence(&self, uri: &str) -> Result<KeyEvidence, KeyError> {
+        self.evidence(uri).map(KeyEvidence::Tpm)
+    }
+
+    fn certify_key(
+        &self,
+        uri: &str,
+        id_object: &[u8],
+        encrypted_secret: &[u8],
+        nonce: &[u8],
+    ) -> Result<Certified, KeyError> {
+        self.certify(uri, id_object, encrypted_secret, nonce)
     }
 }
 
