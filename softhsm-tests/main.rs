@@ -22,6 +22,7 @@ mod hostile;
 mod hsm;
 mod http;
 mod keyproof;
+mod keyproof_wire;
 mod network;
 mod process;
 mod redeem;

@@ -57,7 +57,7 @@ pub struct KeyProofChallengeResponse {
     pub kind: String,
     /// True when the key can be proven to live in hardware (answer the challenge).
     pub hardware_proof: bool,
-    /// Challenge id for POST /v1/keys/{kid}/proof (single use); absent without a hardware proof.
+    /// Challenge id for POST /v1/keys/{kid}/proof (single use); null without a hardware proof.
     pub challenge: Option<String>,
     /// RFC 3339 UTC: the challenge can be answered once before then.
     pub expires_at: Option<String>,

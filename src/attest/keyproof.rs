@@ -93,7 +93,32 @@ pub fn check_evidence(
     let manufacturer_ca = bundle
         .verify(cert, &ek, now)
         .map_err(|x| fail("ek-certificate", x.to_string()))?;
+    let (ak, key) = check_binding(e, jwk_point)?;
+    Ok(Checked {
+        ek,
+        ak,
+        key,
+        manufacturer_ca,
+    })
+}
 
+/// Steps 2 and 3 without the EK certificate: what a server checks of its own new key
+/// before it publishes it (it need not hold the manufacturer CAs). Not a proof to anyone
+/// else: the EK is whatever the server says.
+pub fn check_own_key(e: &Evidence<'_>, jwk_point: (&[u8], &[u8])) -> Result<Checked, ProofError> {
+    let ek =
+        TpmPublic::from_tpm2b(e.ek_public, "ek_public").map_err(|x| fail("ek-certificate", x.to_string()))?;
+    let (ak, key) = check_binding(e, jwk_point)?;
+    Ok(Checked {
+        ek,
+        ak,
+        key,
+        manufacturer_ca: String::new(),
+    })
+}
+
+/// The AK and the key: attributes, and the key is the JWKS one.
+fn check_binding(e: &Evidence<'_>, jwk_point: (&[u8], &[u8])) -> Result<(TpmPublic, TpmPublic), ProofError> {
     let ak = TpmPublic::from_tpm2b(e.ak_public, "ak_public").map_err(|x| fail("ak", x.to_string()))?;
     let want = BOUND | Attributes::RESTRICTED | Attributes::SIGN;
     if !ak.attributes.has(want) || ak.attributes.has(Attributes::DECRYPT) {
@@ -105,7 +130,6 @@ pub fn check_evidence(
             ),
         ));
     }
-
     let key = TpmPublic::from_tpm2b(e.key_public, "key_public").map_err(|x| fail("key", x.to_string()))?;
     if !key.attributes.has(BOUND | Attributes::SIGN) || key.attributes.has(Attributes::DECRYPT) {
         return Err(fail(
@@ -125,12 +149,7 @@ pub fn check_evidence(
     if !same {
         return Err(fail("key", "the certified key is not the JWKS key of this kid"));
     }
-    Ok(Checked {
-        ek,
-        ak,
-        key,
-        manufacturer_ca,
-    })
+    Ok((ak, key))
 }
 
 /// Step 4's question: a credential for the AK's name that only the TPM holding the EK can

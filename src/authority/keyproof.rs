@@ -94,9 +94,13 @@ impl Authority {
         Ok(k.row.uri.clone())
     }
 
+    /// Audits a proof: a refusal like every refusal without a verified identity (the first
+    /// of its kind at once, repeats summed per window, ADR 0012), anything else at once.
     async fn audit_proof(&self, kid: &str, outcome: &str, remote: &str) {
         let rec = AuditRecord::new("anonymous", "key.proof", kid, outcome, remote);
-        if let Err(e) = self.store.audit(rec).await {
+        if outcome.starts_with("denied") {
+            self.audit_refusal(rec).await;
+        } else if let Err(e) = self.store.audit(rec).await {
             tracing::error!(error = %e, "audit write failed for a key proof");
         }
     }

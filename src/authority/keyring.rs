@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{AuthorityError, Settings, now};
+use super::{AuthorityError, Settings, now, random_bytes};
 use crate::audit::AuditRecord;
 use crate::keys::{HardwareSigner, KeyBackend};
 use crate::store::{SigningKeyRow, Store, WriteOp};
@@ -219,6 +219,10 @@ pub(super) async fn generate_key(
     let info = tokio::task::spawn_blocking(move || b.create_key(&label))
         .await
         .map_err(|e| AuthorityError::Internal(e.to_string()))??;
+    if let Err(e) = prove_own_key(backend, &info).await {
+        forget_device_key(backend, &info.uri).await;
+        return Err(e);
+    }
     let jwk = Jwk::from_public_key(&info.public_key);
     let kid = jwk.kid.clone().unwrap_or_default();
     let signer = HardwareSigner::new(backend.clone(), info.uri.clone(), &info.public_key);
@@ -251,6 +255,59 @@ pub(super) async fn generate_key(
         activate_at: None,
         destroyed_at: None,
     })
+}
+
+/// A new TPM key must be provable before it is published (ADR 0014): the TPM answers a
+/// key proof of it here, checked by the verifiers' own code, all but the EK certificate
+/// chain (the server need not hold the manufacturer CAs). Other devices have no proof.
+async fn prove_own_key(
+    backend: &Arc<dyn KeyBackend>,
+    info: &crate::keys::KeyInfo,
+) -> Result<(), AuthorityError> {
+    use crate::attest::keyproof;
+    use p256::elliptic_curve::sec1::ToSec1Point;
+    let (b, uri) = (backend.clone(), info.uri.clone());
+    let evidence = tokio::task::spawn_blocking(move || b.key_evidence(&uri))
+        .await
+        .map_err(|e| AuthorityError::Internal(e.to_string()))??;
+    let crate::keys::KeyEvidence::Tpm(t) = evidence else {
+        return Ok(());
+    };
+    let unprovable = |e: keyproof::ProofError| {
+        AuthorityError::Internal(format!(
+            "the new key {} cannot be proven to live in the TPM: {e}",
+            info.uri
+        ))
+    };
+    let point = info.public_key.to_sec1_point(false);
+    let (Some(x), Some(y)) = (point.x(), point.y()) else {
+        return Err(AuthorityError::Internal("the new key has no affine point".into()));
+    };
+    let e = keyproof::Evidence {
+        ek_certificate: t.ek_certificate.as_deref(),
+        ek_public: &t.ek_public,
+        ak_public: &t.ak_public,
+        key_public: &t.key_public,
+    };
+    let checked = keyproof::check_own_key(&e, (x, y)).map_err(unprovable)?;
+    let secret = random_bytes::<32>()?;
+    let nonce = random_bytes::<32>()?;
+    let cred = keyproof::credential_for(&checked, &secret).map_err(unprovable)?;
+    let (b, uri) = (backend.clone(), info.uri.clone());
+    let answer = tokio::task::spawn_blocking(move || {
+        b.certify_key(&uri, &cred.id_object, &cred.encrypted_secret, &nonce)
+    })
+    .await
+    .map_err(|e| AuthorityError::Internal(e.to_string()))??;
+    keyproof::check_answer(
+        &checked,
+        &secret,
+        &nonce,
+        &answer.secret,
+        &answer.attest,
+        &answer.signature,
+    )
+    .map_err(unprovable)
 }
 
 /// Records a freshly generated key (plus `more` ops, in the same transaction). When the

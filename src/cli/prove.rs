@@ -15,7 +15,7 @@ use super::client::{Api, segment};
 use crate::api::keyproof::{KeyProofChallengeResponse, KeyProofResponse};
 use crate::attest::EkCaBundle;
 use crate::attest::keyproof::{self, Evidence, ProofError};
-use crate::token::JwkSet;
+use crate::token::{JwkSet, ProvenKey, ProvenKeys};
 
 #[derive(Debug, Args)]
 pub struct ProveArgs {
@@ -34,7 +34,7 @@ pub struct ProveArgs {
 }
 
 /// What one key's proof came to.
-enum Outcome {
+pub(super) enum Outcome {
     Proven { ek_kind: String, ca: String },
     NotProven(String),
 }
@@ -77,12 +77,20 @@ pub async fn run(args: ProveArgs) -> anyhow::Result<()> {
         .transpose()
         .map_err(|e| anyhow!("{e}"))?;
     let mut failed = Vec::new();
+    let mut proven = Vec::new();
     for kid in &kids {
         match prove(&api, &jwks, kid, bundle.as_ref(), args.out.as_deref()).await {
-            Ok(Outcome::Proven { ek_kind, ca }) => println!(
-                "{kid}: proven: made inside a TPM and bound to it (fixedTPM, fixedParent, sensitiveDataOrigin); \
-                 the TPM's {ek_kind} EK is certified by {ca}"
-            ),
+            Ok(Outcome::Proven { ek_kind, ca }) => {
+                println!(
+                    "{kid}: proven: made inside a TPM and bound to it (fixedTPM, fixedParent, sensitiveDataOrigin); \
+                     the TPM's {ek_kind} EK is certified by {ca}"
+                );
+                proven.push(ProvenKey {
+                    kid: kid.clone(),
+                    ek_kind,
+                    manufacturer_ca: ca,
+                });
+            }
             Ok(Outcome::NotProven(what)) => {
                 println!("{kid}: NOT proven: {what}");
                 failed.push(kid.clone());
@@ -92,6 +100,17 @@ pub async fn run(args: ProveArgs) -> anyhow::Result<()> {
                 failed.push(kid.clone());
             }
         }
+    }
+    if let Some(dir) = &args.out {
+        let file = ProvenKeys {
+            server: api.url(""),
+            proven_at: crate::token::verify::now(),
+            keys: proven,
+        };
+        let path = dir.join("proven.json");
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(&path, serde_json::to_string_pretty(&file)?)
+            .map_err(|e| anyhow!("cannot write {}: {e}", path.display()))?;
     }
     if !failed.is_empty() {
         bail!(
@@ -104,7 +123,8 @@ pub async fn run(args: ProveArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn prove(
+/// Runs the whole proof of `kid` against the server of `api`.
+pub(super) async fn prove(
     api: &Api,
     jwks: &JwkSet,
     kid: &str,

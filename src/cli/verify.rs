@@ -7,7 +7,7 @@ use clap::Args;
 use zeroize::Zeroizing;
 
 use crate::config::Config;
-use crate::token::{JwkSet, Verifier, VerifierConfig};
+use crate::token::{JwkSet, ProvenKeys, Verifier, VerifierConfig};
 
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
@@ -28,6 +28,15 @@ pub struct VerifyArgs {
     /// /v1/revocations) names it.
     #[arg(long)]
     pub revocations: Option<String>,
+    /// Trust only keys proven to live in hardware: a pinned proof file (the `proven.json`
+    /// of `keygate keys prove --out`), or a folder of TPM manufacturer CA certificates, with
+    /// which the token's key is proven now against the issuer (or --proof-server).
+    #[arg(long)]
+    pub require_proof: Option<std::path::PathBuf>,
+    /// The server to prove the key against with a --require-proof folder (default: the
+    /// issuer URL).
+    #[arg(long)]
+    pub proof_server: Option<String>,
     /// The token, or `-` (the default) to read it from standard input.
     #[arg(default_value = "-")]
     pub token: String,
@@ -88,6 +97,39 @@ pub async fn discover_jwks(issuer: &str) -> anyhow::Result<String> {
     Ok(d.jwks_uri)
 }
 
+/// The kids `--require-proof` trusts: those of a pinned proof file, or the token's own kid
+/// once a live proof against `server` passed.
+async fn proven_kids(
+    path: &std::path::Path,
+    server: &str,
+    jwks: &JwkSet,
+    token: &str,
+) -> anyhow::Result<Vec<String>> {
+    if !path.is_dir() {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the proof file {}", path.display()))?;
+        let file = ProvenKeys::from_json(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        return Ok(file.kids().collect());
+    }
+    let kid = crate::token::jws::parse(token)
+        .ok()
+        .and_then(|p| p.header.kid)
+        .ok_or_else(|| anyhow::anyhow!("invalid token: it names no key (kid) to prove"))?;
+    let bundle = crate::attest::EkCaBundle::load_dir(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let api = super::client::Api::anonymous(server)?;
+    match super::prove::prove(&api, jwks, &kid, Some(&bundle), None).await {
+        Ok(super::prove::Outcome::Proven { .. }) => Ok(vec![kid]),
+        Ok(super::prove::Outcome::NotProven(what)) => {
+            anyhow::bail!("invalid token: key {kid} is not proven to live in hardware: {what}")
+        }
+        Err(e) => anyhow::bail!(
+            "invalid token: key {kid} is not proven to live in hardware: step {} failed: {}",
+            e.step,
+            e.why
+        ),
+    }
+}
+
 pub async fn run(a: VerifyArgs, config: &Config) -> anyhow::Result<()> {
     let token = if a.token == "-" {
         let mut s = Zeroizing::new(String::new());
@@ -102,8 +144,12 @@ pub async fn run(a: VerifyArgs, config: &Config) -> anyhow::Result<()> {
         Some(location) => load_jwks(location).await?,
         None => load_jwks(&discover_jwks(&a.issuer).await?).await?,
     };
-    let mut cfg = VerifierConfig::new(a.issuer, a.audience);
+    let mut cfg = VerifierConfig::new(a.issuer.clone(), a.audience);
     cfg.leeway_seconds = a.leeway.unwrap_or(config.tokens.leeway_seconds);
+    if let Some(path) = &a.require_proof {
+        let server = a.proof_server.as_deref().unwrap_or(&a.issuer);
+        cfg = cfg.require_proven(proven_kids(path, server, &jwks, &token).await?);
+    }
     let verifier = Verifier::new(&jwks, cfg)?;
     let claims = match &a.revocations {
         None => verifier.verify(&token),

@@ -10,6 +10,7 @@ pub mod claims;
 pub mod dpop;
 pub mod jwk;
 pub mod jws;
+pub mod proven;
 pub mod revocation;
 pub mod verify;
 
@@ -17,6 +18,7 @@ pub use claims::{Audience, Claims, Confirmation};
 pub use dpop::{DpopError, Proof, ProofContext, TYP_DPOP, verify_proof};
 pub use jwk::{Jwk, JwkSet, thumbprint};
 pub use jws::{Header, signing_input};
+pub use proven::{ProvenKey, ProvenKeys};
 pub use revocation::{RevocationList, Revoked, TYP_REVOCATIONS};
 pub use verify::{Verifier, VerifierConfig, VerifyError};
 

@@ -22,6 +22,10 @@ pub struct VerifierConfig {
     pub typ: String,
     /// Clock leeway in seconds for `exp`, `nbf` and `iat` (the HTTP contract: default 5).
     pub leeway_seconds: u64,
+    /// When set, only what these keys signed is accepted: the kids proven to live in
+    /// hardware (`keygate keys prove`, or a [`super::ProvenKeys`] file). A key that is in
+    /// the JWKS but not here is refused with [`VerifyError::UnprovenKey`].
+    pub proven_kids: Option<std::collections::BTreeSet<String>>,
 }
 
 impl VerifierConfig {
@@ -32,7 +36,14 @@ impl VerifierConfig {
             audience: audience.into(),
             typ: super::TYP_PROVISIONING.into(),
             leeway_seconds: 5,
+            proven_kids: None,
         }
+    }
+
+    /// Accepts only what the keys `kids` signed (see [`VerifierConfig::proven_kids`]).
+    pub fn require_proven(mut self, kids: impl IntoIterator<Item = String>) -> Self {
+        self.proven_kids = Some(kids.into_iter().collect());
+        self
     }
 }
 
@@ -51,6 +62,8 @@ pub enum VerifyError {
     MissingKid,
     #[error("unknown kid {0:?}")]
     UnknownKid(String),
+    #[error("key {0:?} is not proven to live in hardware")]
+    UnprovenKey(String),
     #[error("bad signature")]
     BadSignature,
     #[error("issuer {found:?} is not {expected:?}")]
@@ -163,9 +176,14 @@ impl Verifier {
             });
         }
         let kid = h.kid.as_deref().ok_or(VerifyError::MissingKid)?;
-        self.keys
+        let key = self
+            .keys
             .get(kid)
-            .ok_or_else(|| VerifyError::UnknownKid(shown(kid)))
+            .ok_or_else(|| VerifyError::UnknownKid(shown(kid)))?;
+        if self.config.proven_kids.as_ref().is_some_and(|p| !p.contains(kid)) {
+            return Err(VerifyError::UnprovenKey(shown(kid)));
+        }
+        Ok(key)
     }
 }
 
@@ -335,6 +353,27 @@ mod tests {
     fn good_token_verifies() {
         let (v, t, _) = setup();
         assert_eq!(v.verify_at(&t, NOW + 1).unwrap(), claims());
+    }
+
+    #[test]
+    fn only_proven_keys_are_trusted_when_asked() {
+        let (_, t, k) = setup();
+        let (jwks, kid) = jwks_for(&k);
+        let pinned = |kids: Vec<String>| {
+            Verifier::new(&jwks, VerifierConfig::new(ISS, "fleet").require_proven(kids)).unwrap()
+        };
+        assert_eq!(
+            pinned(vec![kid.clone()]).verify_at(&t, NOW + 1).unwrap(),
+            claims()
+        );
+        assert_eq!(
+            pinned(vec!["another".into()]).verify_at(&t, NOW + 1),
+            Err(VerifyError::UnprovenKey(kid))
+        );
+        let file = r#"{"server":"https://k.example","proven_at":1,"keys":[{"kid":"a","ek_kind":"p384","manufacturer_ca":"CN=x"}]}"#;
+        let p = crate::token::ProvenKeys::from_json(file).unwrap();
+        assert_eq!(p.kids().collect::<Vec<_>>(), ["a"]);
+        assert!(crate::token::ProvenKeys::from_json("{}").is_err());
     }
 
     #[test]

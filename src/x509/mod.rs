@@ -5,8 +5,8 @@ mod crl;
 mod leaf;
 
 pub use crl::{RevokedEntry, build_crl};
+pub(crate) use leaf::first_element;
 pub use leaf::{CheckedCsr, CsrError, IssuedCert, San, check_csr, issue_end_entity};
-pub(crate) use leaf::{first_element, first_tlv};
 
 use std::str::FromStr;
 use std::time::Duration;

@@ -89,7 +89,12 @@ pub fn ek_certificate(ctx: &mut Context, kind: EkKind) -> Option<Vec<u8>> {
 
 /// The first DER element of `b` (some TPMs pad their NV indices).
 pub(crate) fn der_prefix(b: &[u8]) -> &[u8] {
-    crate::x509::first_tlv(b).unwrap_or(b)
+    use der::{Decode, Reader};
+    let first = der::SliceReader::new(b).ok().and_then(|mut r| {
+        der::asn1::AnyRef::decode(&mut r).ok()?;
+        usize::try_from(r.position()).ok()
+    });
+    first.and_then(|n| b.get(..n)).unwrap_or(b)
 }
 
 /// A marshalled TPM2B_PUBLIC.
