@@ -449,6 +449,31 @@ async fn two_tpm_replicas_sign_with_their_own_tpm_and_verify_each_other() {
         .collect();
     assert_eq!(devices.len(), 2, "{keys}");
     assert!(devices.iter().all(|d| d.starts_with("tpm:")));
+    // A key proof is answered by the replica whose TPM holds the key; the other one says
+    // where to ask (421).
+    let http = reqwest::Client::new();
+    for (base, own, other) in [(&a, &ta, &tb), (&b, &tb, &ta)] {
+        let ask = |kid: &Value| {
+            http.post(format!(
+                "{base}/v1/keys/{}/proof/challenge",
+                kid.as_str().unwrap()
+            ))
+            .send()
+        };
+        let r = ask(&own["kid"]).await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.json::<Value>().await.unwrap()["kind"], "tpm");
+        let r = ask(&other["kid"]).await.unwrap();
+        assert_eq!(r.status(), 421);
+        let p: Value = r.json().await.unwrap();
+        assert!(
+            p["detail"]
+                .as_str()
+                .unwrap()
+                .contains("ask the replica that signs with it"),
+            "{p}"
+        );
+    }
     drop(r);
     drop((tpm_a, tpm_b));
 }

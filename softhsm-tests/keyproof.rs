@@ -431,6 +431,47 @@ async fn a_proof_fails_at_the_step_that_is_wrong() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ek_certificate_file_is_shown_instead_of_nv() {
+    let ca = TestCa::new();
+    let tpm = Swtpm::manufactured(&ca);
+    let bundle = ca.bundle.path().to_str().unwrap();
+    let certs = tpm.state.path().join("ekcerts");
+    // The P-384 EK's certificate named for the RSA EK: the file is what the server shows,
+    // so the proof fails at the certificate (it names another key).
+    let wrong = format!(
+        "ek = \"rsa2048\"\nek_certificate = \"{}\"",
+        certs.join("ek-secp384r1.crt").display()
+    );
+    let env = Env::on_tpm_section(&tpm.tcti(), &wrong).await;
+    let (base, _svc) = env.serve().await;
+    let (ok, out, _) = prove(&env, &base, &["--tpm-ca", bundle]);
+    assert!(
+        !ok && out.contains("FAILED at step ek-certificate: ek_pub does not match"),
+        "{out}"
+    );
+    drop(_svc);
+    // The right file, as PEM: proven.
+    let pem = env.dir.path().join("ek.pem");
+    crate::common::openssl(
+        env.dir.path(),
+        &[
+            "x509",
+            "-inform",
+            "DER",
+            "-in",
+            certs.join("ek-rsa2048.crt").to_str().unwrap(),
+            "-out",
+            pem.to_str().unwrap(),
+        ],
+    );
+    let right = format!("ek = \"rsa2048\"\nek_certificate = \"{}\"", pem.display());
+    let env = Env::on_tpm_section(&tpm.tcti(), &right).await;
+    let (base, _svc) = env.serve().await;
+    let (ok, out, err) = prove(&env, &base, &["--tpm-ca", bundle]);
+    assert!(ok, "{out}{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_softhsm2_key_is_never_reported_as_proven() {
     let env = Env::new().await;
     let (base, _svc) = env.serve().await;
