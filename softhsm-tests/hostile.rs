@@ -301,7 +301,7 @@ async fn refusals_without_a_credential_write_little() {
     );
 }
 
-/// Redemption and enrollment need no credential, so each source gets a rate: past its
+/// Redemption, enrollment and key proofs need no credential, so each source gets a rate: past its
 /// burst a source gets 429 with Retry-After (and writes nothing), other sources and the
 /// operator endpoints are not affected, and the source may come back after the wait.
 #[tokio::test(flavor = "multi_thread")]
@@ -344,6 +344,16 @@ async fn rate_limits_hold_back_one_source_on_the_open_endpoints() {
         .await
         .unwrap();
     assert_eq!(res.status(), 429);
+    // and so do the key proofs
+    for path in ["proof/challenge", "proof"] {
+        let res = reqwest::Client::new()
+            .post(format!("{base}/v1/keys/{}/{path}", env.kid))
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 429, "{path}");
+    }
     // the requests let through were refused alike: one entry now (the repeats are summed
     // when the refusal window ends); the 429s wrote nothing
     assert_eq!(newest(&env, audit).await - before, 1);

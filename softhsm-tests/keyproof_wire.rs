@@ -93,26 +93,31 @@ async fn any_byte_of_the_evidence_changed_on_the_way_fails_the_proof() {
     .await;
     let (ok, out, err) = prove(&env, &clean, &["--tpm-ca", bundle]);
     assert!(ok, "{out}{err}");
-    let members = [
-        ("ek_certificate", false),
-        ("ek_public", false),
-        ("ak_public", false),
-        ("key_public", false),
-        ("secret", false),
-        ("attest", false),
-        ("signature", false),
-        ("id_object", true),
-        ("encrypted_secret", true),
-        ("nonce", true),
+    // Each member, and the steps a change of it may fail at (a change of a public area
+    // fails where it is parsed, or where the TPM or the certification sees another name).
+    let members: [(&str, bool, &[&str]); 10] = [
+        ("ek_certificate", false, &["ek-certificate"]),
+        ("ek_public", false, &["ek-certificate"]),
+        ("ak_public", false, &["ak", "credential"]),
+        ("key_public", false, &["key", "certify"]),
+        ("secret", false, &["credential"]),
+        ("attest", false, &["certify"]),
+        ("signature", false, &["certify"]),
+        ("id_object", true, &["credential"]),
+        ("encrypted_secret", true, &["credential"]),
+        ("nonce", true, &["certify"]),
     ];
-    for (member, request) in members {
+    for (member, request, steps) in members {
         for at in 0..3 {
             let proxy = flipping_proxy(base.clone(), Flip { member, request, at }).await;
             let (ok, out, _) = prove(&env, &proxy, &["--tpm-ca", bundle]);
+            let failed_at = out
+                .split_once(&format!("{}: FAILED at step ", env.kid))
+                .and_then(|(_, rest)| rest.split(':').next())
+                .unwrap_or("none");
             assert!(
-                !ok && out.contains(&format!("{}: FAILED at step ", env.kid))
-                    && !out.contains(&format!("{}: proven", env.kid)),
-                "{member} byte {at}: {out}"
+                !ok && steps.contains(&failed_at),
+                "{member} byte {at}: expected a failure at {steps:?}: {out}"
             );
         }
     }
@@ -187,4 +192,74 @@ async fn an_instance_that_requires_proof_refuses_a_key_without_one() {
     assert!(!ok && err.contains("is not proven to live in hardware"), "{err}");
     let (ok, err) = verify(&env, &base, fresh, &live);
     assert!(ok, "{err}");
+}
+
+/// A server that lends its TPM key's proof to a software key: its JWKS names the TPM key's
+/// point with the software key's kid (and lists the software key too), and it answers
+/// proofs for that kid with the TPM key's evidence.
+async fn lending_proxy(upstream: String, tpm_kid: String, soft: keygate::token::Jwk) -> String {
+    use axum::body::Bytes;
+    use axum::http::{Method, StatusCode, Uri};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let soft_kid = soft.kid.clone().unwrap();
+    let app = axum::Router::new().fallback(move |method: Method, uri: Uri, body: Bytes| {
+        let (upstream, tpm_kid, soft, soft_kid) =
+            (upstream.clone(), tpm_kid.clone(), soft.clone(), soft_kid.clone());
+        async move {
+            let path = uri.to_string().replace(&soft_kid, &tpm_kid);
+            let r = reqwest::Client::new()
+                .request(method, format!("{upstream}{path}"))
+                .header("content-type", "application/json")
+                .body(body.to_vec())
+                .send()
+                .await
+                .unwrap();
+            let status = StatusCode::from_u16(r.status().as_u16()).unwrap();
+            let mut v: Value = r.json().await.unwrap();
+            if path == "/.well-known/jwks.json" {
+                let keys = v["keys"].as_array_mut().unwrap();
+                let mut lent = keys[0].clone();
+                lent["kid"] = json!(soft_kid);
+                keys.insert(0, lent);
+                keys.push(serde_json::to_value(&soft).unwrap());
+            }
+            (
+                status,
+                [("content-type", "application/json")],
+                serde_json::to_vec(&v).unwrap(),
+            )
+        }
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kid_that_is_not_the_proven_point_s_thumbprint_is_not_proven() {
+    let ca = TestCa::new();
+    let tpm = Swtpm::manufactured(&ca);
+    let env = Env::on_tpm(&tpm.tcti()).await;
+    let (base, _svc) = env.serve().await;
+    let bundle = ca.bundle.path().to_str().unwrap();
+    let soft = p256::SecretKey::from_slice(&[0x42; 32]).unwrap().public_key();
+    let soft = keygate::token::Jwk::from_public_key(&soft);
+    let soft_kid = soft.kid.clone().unwrap();
+    let proxy = lending_proxy(base.clone(), env.kid.clone(), soft).await;
+    // Asked for the software key's kid, the prover takes the point a verifier would: the
+    // software key's; the TPM's evidence is for another key.
+    let (ok, out, _) = prove(&env, &proxy, &["--tpm-ca", bundle, "--kid", &soft_kid]);
+    assert!(
+        !ok && out.contains(&format!(
+            "{soft_kid}: FAILED at step key: the certified key is not the JWKS key"
+        )),
+        "{out}"
+    );
+    // Without --kid: the lent entry is ignored (its kid is not its thumbprint), the TPM key
+    // is proven, the software key is not.
+    let (ok, out, _) = prove(&env, &proxy, &["--tpm-ca", bundle]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("ignored: not a key any verifier takes"), "{out}");
+    assert!(out.contains(&format!("{}: proven", env.kid)), "{out}");
+    assert!(out.contains(&format!("{soft_kid}: FAILED at step key")), "{out}");
 }

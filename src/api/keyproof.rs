@@ -102,7 +102,7 @@ pub struct KeyProofResponse {
     params(("kid" = String, Path, description = "a kid of the JWKS")),
     responses((status = 200, body = KeyProofChallengeResponse), (status = 404, body = Problem),
         (status = 421, body = Problem), (status = 429, body = Problem), (status = 503, body = Problem)))]
-pub async fn challenge(
+pub async fn key_proof_challenge(
     State(st): State<AppState>,
     Remote(remote): Remote,
     Path(kid): Path<String>,
@@ -153,7 +153,7 @@ pub async fn challenge(
     responses((status = 200, body = KeyProofResponse), (status = 400, body = Problem), (status = 401, body = Problem),
         (status = 404, body = Problem), (status = 421, body = Problem), (status = 429, body = Problem),
         (status = 503, body = Problem)))]
-pub async fn answer(
+pub async fn key_proof(
     State(st): State<AppState>,
     Remote(remote): Remote,
     Path(kid): Path<String>,

@@ -163,8 +163,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/tokens/redeem", post(lifecycle::redeem))
         .route("/v1/enroll/challenge", post(enroll::challenge))
         .route("/v1/enroll/complete", post(enroll::complete))
-        .route("/v1/keys/{kid}/proof/challenge", post(keyproof::challenge))
-        .route("/v1/keys/{kid}/proof", post(keyproof::answer));
+        .route(
+            "/v1/keys/{kid}/proof/challenge",
+            post(keyproof::key_proof_challenge),
+        )
+        .route("/v1/keys/{kid}/proof", post(keyproof::key_proof));
     let open = match &state.source_limit {
         Some(l) => open.route_layer(axum::middleware::from_fn_with_state(l.clone(), limit::limit)),
         None => open,

@@ -39,7 +39,7 @@ impl Modify for BearerAuth {
         lifecycle::redeem, lifecycle::revocation_stream, lifecycle::rotate_key, lifecycle::destroy_key,
         enroll::challenge, enroll::complete, enroll::register_machine, enroll::list_machines,
         enroll::revoke_machine, certs::crl, certs::revoke_certificate,
-        keyproof::challenge, keyproof::answer,
+        keyproof::key_proof_challenge, keyproof::key_proof,
     ),
     components(schemas(
         Problem, IssueTokenRequest, IssueTokenResponse, IntrospectRequest, IntrospectResponse, KeyView,

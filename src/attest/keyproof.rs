@@ -203,3 +203,180 @@ pub fn check_answer(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use p256::ecdsa::signature::Signer;
+    use p256::ecdsa::{Signature, SigningKey};
+
+    use super::*;
+    use crate::attest::alg;
+    use crate::attest::public::tests::{ecc_ek_tpmt, sample_ecc_ek};
+
+    const KEY_ATTRS: u32 = BOUND | Attributes::USER_WITH_AUTH | Attributes::SIGN;
+    const AK_ATTRS: u32 = KEY_ATTRS | Attributes::RESTRICTED;
+
+    fn point(sk: &SigningKey) -> ([u8; 32], [u8; 32]) {
+        let p = sk.verifying_key().to_sec1_bytes();
+        (p[1..33].try_into().unwrap(), p[33..65].try_into().unwrap())
+    }
+
+    /// A TPM2B_PUBLIC of an ECC P-256 ECDSA-SHA256 signing key with `attrs`.
+    fn signing_public(attrs: u32, sk: &SigningKey) -> Vec<u8> {
+        let (x, y) = point(sk);
+        let mut t = Vec::new();
+        for v in [alg::ECC, alg::SHA256] {
+            t.extend_from_slice(&v.to_be_bytes());
+        }
+        t.extend_from_slice(&attrs.to_be_bytes());
+        t.extend_from_slice(&0u16.to_be_bytes()); // authPolicy
+        for v in [alg::NULL, alg::ECDSA, alg::SHA256, 0x0003, alg::NULL] {
+            t.extend_from_slice(&v.to_be_bytes());
+        }
+        for c in [x, y] {
+            t.extend_from_slice(&32u16.to_be_bytes());
+            t.extend_from_slice(&c);
+        }
+        crate::attest::tpm2b(&t)
+    }
+
+    fn tpm2b(v: &[u8]) -> Vec<u8> {
+        crate::attest::tpm2b(v)
+    }
+
+    /// A TPMS_ATTEST of `kind` over `extra` naming `name`, and the AK's TPMT_SIGNATURE.
+    fn attest(ak: &SigningKey, kind: u16, extra: &[u8], name: &[u8]) -> (Vec<u8>, Vec<u8>) {
+        let mut a = TPM_GENERATED_VALUE.to_be_bytes().to_vec();
+        a.extend_from_slice(&kind.to_be_bytes());
+        a.extend(tpm2b(&[0x00, 0x0b, 1, 2]));
+        a.extend(tpm2b(extra));
+        a.extend_from_slice(&[0; 8 + 4 + 4 + 1 + 8]);
+        a.extend(tpm2b(name));
+        a.extend(tpm2b(name));
+        let t = sign_tpmt(ak, &a);
+        (a, t)
+    }
+
+    /// The AK's TPMT_SIGNATURE (ECDSA, SHA-256) over `msg`.
+    fn sign_tpmt(ak: &SigningKey, msg: &[u8]) -> Vec<u8> {
+        let sig: Signature = ak.sign(msg);
+        let (r, s) = sig.split_bytes();
+        let mut t = alg::ECDSA.to_be_bytes().to_vec();
+        t.extend_from_slice(&alg::SHA256.to_be_bytes());
+        t.extend(tpm2b(&r));
+        t.extend(tpm2b(&s));
+        t
+    }
+
+    struct Fixture {
+        ak: SigningKey,
+        key: SigningKey,
+        ek_public: Vec<u8>,
+        ak_public: Vec<u8>,
+        key_public: Vec<u8>,
+    }
+
+    fn fixture() -> Fixture {
+        let ak = SigningKey::from_slice(&[7; 32]).unwrap();
+        let key = SigningKey::from_slice(&[9; 32]).unwrap();
+        let ek = sample_ecc_ek();
+        let (x, y) = match &ek.key {
+            KeyKind::Ecc { x, y, .. } => (x.clone(), y.clone()),
+            KeyKind::Rsa { .. } => unreachable!(),
+        };
+        Fixture {
+            ek_public: tpm2b(&ecc_ek_tpmt(&x.try_into().unwrap(), &y.try_into().unwrap())),
+            ak_public: signing_public(AK_ATTRS, &ak),
+            key_public: signing_public(KEY_ATTRS, &key),
+            ak,
+            key,
+        }
+    }
+
+    fn binding(f: &Fixture, ak_public: &[u8], key_public: &[u8]) -> Result<Checked, ProofError> {
+        let e = Evidence {
+            ek_certificate: None,
+            ek_public: &f.ek_public,
+            ak_public,
+            key_public,
+        };
+        let (x, y) = point(&f.key);
+        check_own_key(&e, (&x, &y))
+    }
+
+    #[test]
+    fn the_ak_and_the_key_must_be_bound_to_the_tpm() {
+        let f = fixture();
+        binding(&f, &f.ak_public, &f.key_public).unwrap();
+        for (attrs, what) in [
+            (AK_ATTRS & !Attributes::FIXED_TPM, "no fixedTPM"),
+            (AK_ATTRS & !Attributes::RESTRICTED, "not restricted"),
+            (AK_ATTRS | Attributes::DECRYPT, "decrypts"),
+            (AK_ATTRS & !Attributes::SENSITIVE_DATA_ORIGIN, "imported"),
+        ] {
+            let e = binding(&f, &signing_public(attrs, &f.ak), &f.key_public).unwrap_err();
+            assert_eq!(e.step, "ak", "{what}");
+        }
+        for (attrs, what) in [
+            (KEY_ATTRS & !Attributes::FIXED_TPM, "duplicable"),
+            (KEY_ATTRS & !Attributes::FIXED_PARENT, "movable"),
+            (KEY_ATTRS & !Attributes::SENSITIVE_DATA_ORIGIN, "imported"),
+            (KEY_ATTRS | Attributes::DECRYPT, "decrypts"),
+            (KEY_ATTRS & !Attributes::SIGN, "does not sign"),
+        ] {
+            let e = binding(&f, &f.ak_public, &signing_public(attrs, &f.key)).unwrap_err();
+            assert_eq!(e.step, "key", "{what}");
+        }
+        // Another key than the JWKS one, bound or not.
+        let other = SigningKey::from_slice(&[3; 32]).unwrap();
+        let e = binding(&f, &f.ak_public, &signing_public(KEY_ATTRS, &other)).unwrap_err();
+        assert_eq!((e.step, e.why.contains("not the JWKS key")), ("key", true));
+        // An RSA public area is not the JWKS key either (and the EK is no key to certify).
+        let e = binding(&f, &f.ak_public, &f.ek_public).unwrap_err();
+        assert_eq!(e.step, "key");
+    }
+
+    #[test]
+    fn the_certification_must_be_the_ak_s_over_the_nonce_naming_the_key() {
+        let f = fixture();
+        let checked = binding(&f, &f.ak_public, &f.key_public).unwrap();
+        let (secret, nonce) = ([1u8; 32], [2u8; 32]);
+        let name = checked.key.name();
+        let ok = |a: &[u8], s: &[u8]| check_answer(&checked, &secret, &nonce, &secret, a, s);
+        let (a, s) = attest(&f.ak, TPM_ST_ATTEST_CERTIFY, &nonce, &name);
+        ok(&a, &s).unwrap();
+        let step = |r: Result<(), ProofError>| r.unwrap_err().step;
+        // the secret
+        assert_eq!(
+            step(check_answer(&checked, &secret, &nonce, &[0; 32], &a, &s)),
+            "credential"
+        );
+        // a quote, signed by the same AK, is not a certification
+        let (q, qs) = attest(&f.ak, 0x8018, &nonce, &name);
+        assert_eq!(step(ok(&q, &qs)), "certify");
+        // another nonce, another name, another signer, trailing bytes
+        let (a2, s2) = attest(&f.ak, TPM_ST_ATTEST_CERTIFY, &[3; 32], &name);
+        assert!(ok(&a2, &s2).unwrap_err().why.contains("nonce"));
+        let other = checked.ak.name();
+        let (a3, s3) = attest(&f.ak, TPM_ST_ATTEST_CERTIFY, &nonce, &other);
+        assert!(ok(&a3, &s3).unwrap_err().why.contains("another key"));
+        let (a4, s4) = attest(&f.key, TPM_ST_ATTEST_CERTIFY, &nonce, &name);
+        assert_eq!(step(ok(&a4, &s4)), "certify");
+        let mut long = a.clone();
+        long.push(0);
+        let e = ok(&long, &sign_tpmt(&f.ak, &long)).unwrap_err();
+        assert_eq!(e.step, "certify");
+        assert!(e.why.contains("malformed"), "{e}");
+        // every changed byte of the attestation or the signature fails
+        for i in 0..a.len() {
+            let mut b = a.clone();
+            b[i] ^= 1;
+            assert!(ok(&b, &s).is_err(), "attest byte {i}");
+        }
+        for i in 0..s.len() {
+            let mut b = s.clone();
+            b[i] ^= 1;
+            assert!(ok(&a, &b).is_err(), "signature byte {i}");
+        }
+    }
+}

@@ -18,23 +18,38 @@ use crate::token::b64;
 
 /// Seconds a challenge can be answered in.
 pub const CHALLENGE_TTL: i64 = 60;
-/// Open challenges kept at most; the oldest goes first.
-const MAX_OPEN: usize = 256;
+/// Open challenges kept at most (a few hundred kB); the oldest goes first.
+const MAX_OPEN: usize = 4096;
+/// How long an answer waits for the proof before it (one at a time) to finish.
+const ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Nonce sizes accepted (TPM2B_DATA holds at most 64 bytes).
 const NONCE_LEN: std::ops::RangeInclusive<usize> = 16..=64;
 /// Largest credential part accepted (a TPM2B_ID_OBJECT or TPM2B_ENCRYPTED_SECRET of an
 /// RSA-4096 EK is well under this).
 const MAX_CREDENTIAL_PART: usize = 1024;
 
-/// Open challenges: id → (kid, expiry).
-#[derive(Default)]
-pub(crate) struct Challenges(Mutex<HashMap<String, (String, i64)>>);
+/// Open challenges: id → (kid, expiry); and the one proof the device answers at a time, so
+/// that proofs from many sources never hold more than one place in front of the
+/// signatures in the device queue.
+pub(crate) struct Challenges {
+    open: Mutex<HashMap<String, (String, i64)>>,
+    one_at_a_time: tokio::sync::Semaphore,
+}
+
+impl Default for Challenges {
+    fn default() -> Self {
+        Challenges {
+            open: Mutex::new(HashMap::new()),
+            one_at_a_time: tokio::sync::Semaphore::new(1),
+        }
+    }
+}
 
 impl Challenges {
     fn open(&self, kid: &str) -> Result<(String, i64), AuthorityError> {
         let id = b64::encode(random_bytes::<16>()?);
         let expires = now() + CHALLENGE_TTL;
-        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut m = self.open.lock().unwrap_or_else(|p| p.into_inner());
         let t = now();
         m.retain(|_, (_, exp)| *exp > t);
         if m.len() >= MAX_OPEN
@@ -49,7 +64,7 @@ impl Challenges {
     /// Takes the challenge `id` for `kid` (single use): false when it is unknown, used,
     /// expired or for another key.
     fn take(&self, id: &str, kid: &str) -> bool {
-        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut m = self.open.lock().unwrap_or_else(|p| p.into_inner());
         match m.remove(id) {
             Some((k, exp)) => k == kid && exp > now(),
             None => false,
@@ -94,11 +109,13 @@ impl Authority {
         Ok(k.row.uri.clone())
     }
 
-    /// Audits a proof: a refusal like every refusal without a verified identity (the first
-    /// of its kind at once, repeats summed per window, ADR 0012), anything else at once.
-    async fn audit_proof(&self, kid: &str, outcome: &str, remote: &str) {
+    /// Audits a proof. A refusal, or a PKCS#11 attribute report (anyone may ask for it, as
+    /// often as the rate limit lets them), is aggregated like every refusal without a
+    /// verified identity (the first of its kind at once, repeats summed per window, ADR
+    /// 0012); a TPM's answer is written at once (one at a time, each costs the TPM work).
+    async fn audit_proof(&self, kid: &str, outcome: &str, remote: &str, aggregate: bool) {
         let rec = AuditRecord::new("anonymous", "key.proof", kid, outcome, remote);
-        if outcome.starts_with("denied") {
+        if aggregate {
             self.audit_refusal(rec).await;
         } else if let Err(e) = self.store.audit(rec).await {
             tracing::error!(error = %e, "audit write failed for a key proof");
@@ -118,7 +135,7 @@ impl Authority {
             KeyEvidence::Tpm(_) => Some(self.proof_challenges.open(kid)?),
             KeyEvidence::Pkcs11(_) => {
                 // The attributes are all there is: this is the whole (non-)proof.
-                self.audit_proof(kid, "attributes reported; no hardware proof", remote)
+                self.audit_proof(kid, "attributes reported; no hardware proof", remote, true)
                     .await;
                 None
             }
@@ -152,12 +169,19 @@ impl Authority {
             )));
         }
         if !self.proof_challenges.take(&answer.challenge, kid) {
-            self.audit_proof(kid, "denied: unknown, used or expired challenge", remote)
+            self.audit_proof(kid, "denied: unknown, used or expired challenge", remote, true)
                 .await;
             return Err(AuthorityError::Attestation(
                 "the challenge is unknown, used, expired or for another key; ask for a new one".into(),
             ));
         }
+        let Ok(_turn) =
+            tokio::time::timeout(ANSWER_WAIT, self.proof_challenges.one_at_a_time.acquire()).await
+        else {
+            return Err(AuthorityError::Backend(KeyError::Busy(
+                ANSWER_WAIT.as_millis() as u64
+            )));
+        };
         let backend = self.backend.clone();
         let r = self
             .sign_blocking(move || {
@@ -166,11 +190,12 @@ impl Authority {
             .await?;
         match r {
             Ok(c) => {
-                self.audit_proof(kid, "success", remote).await;
+                self.audit_proof(kid, "success", remote, false).await;
                 Ok(c)
             }
             Err(KeyError::BadInput(why)) => {
-                self.audit_proof(kid, &format!("denied: {why}"), remote).await;
+                self.audit_proof(kid, &format!("denied: {why}"), remote, true)
+                    .await;
                 Err(AuthorityError::BadRequest(why))
             }
             Err(e) => Err(e.into()),

@@ -298,7 +298,15 @@ async fn prove_own_key(
         b.certify_key(&uri, &cred.id_object, &cred.encrypted_secret, &nonce)
     })
     .await
-    .map_err(|e| AuthorityError::Internal(e.to_string()))??;
+    .map_err(|e| AuthorityError::Internal(e.to_string()))?
+    .map_err(|e| match e {
+        // Its own credential refused: the key is not provable, whatever the reason.
+        crate::keys::KeyError::BadInput(why) => unprovable(keyproof::ProofError {
+            step: "credential",
+            why,
+        }),
+        e => e.into(),
+    })?;
     keyproof::check_answer(
         &checked,
         &secret,

@@ -86,8 +86,9 @@ impl Tpm {
         )
         .map_err(|e| match e {
             crate::keys::KeyError::BadInput(why) => anyhow!("the server's {why}"),
-            e => anyhow!("the TPM refused to activate the credential: {e}"),
-        })
+            e => anyhow!("cannot activate the credential: {e}"),
+        })?
+        .map_err(|why| anyhow!("the TPM refused to activate the credential: {why}"))
     }
 
     /// A quote by the AK over `selection` (`sha256:0,1,2`) for `nonce`, and the PCR values

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail};
 use base64::Engine;
-use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::engine::general_purpose::STANDARD;
 use clap::Args;
 use serde_json::json;
 
@@ -63,9 +63,24 @@ fn step(step: &'static str) -> impl Fn(anyhow::Error) -> ProofError {
 pub async fn run(args: ProveArgs) -> anyhow::Result<()> {
     let api = Api::anonymous(&args.server)?;
     let jwks: JwkSet = api.get("/.well-known/jwks.json").await?;
+    // Keys as a verifier takes them: by their RFC 7638 thumbprint (token::Verifier skips an
+    // entry whose kid is not its thumbprint, and so does a proof).
     let kids: Vec<String> = match &args.kid {
         Some(k) => vec![k.clone()],
-        None => jwks.keys.iter().filter_map(|k| k.kid.clone()).collect(),
+        None => {
+            let mut kids = Vec::new();
+            for k in &jwks.keys {
+                match k.es256_point() {
+                    Ok((_, kid)) if !kids.contains(&kid) => kids.push(kid),
+                    Ok(_) => {}
+                    Err(e) => println!(
+                        "{}: ignored: not a key any verifier takes ({e})",
+                        k.kid.as_deref().unwrap_or("(no kid)")
+                    ),
+                }
+            }
+            kids
+        }
     };
     if kids.is_empty() {
         bail!("the server's JWKS has no keys");
@@ -131,23 +146,19 @@ pub(super) async fn prove(
     bundle: Option<&EkCaBundle>,
     out: Option<&Path>,
 ) -> Result<Outcome, ProofError> {
-    let jwk = jwks
+    // The point a verifier would use for `kid`: the entry whose thumbprint it is. The kid
+    // member alone proves nothing (a server could name any point with any kid).
+    let point = jwks
         .keys
         .iter()
-        .find(|k| k.kid.as_deref() == Some(kid))
+        .filter_map(|k| k.es256_point().ok())
+        .find(|(_, thumbprint)| thumbprint == kid)
+        .map(|(point, _)| point)
         .ok_or_else(|| ProofError {
             step: "jwks",
-            why: "no key with this kid in the server's JWKS".into(),
+            why: "no usable ES256 key whose RFC 7638 thumbprint is this kid in the server's JWKS".into(),
         })?;
-    let coord = |c: &Option<String>| {
-        c.as_deref()
-            .and_then(|v| URL_SAFE_NO_PAD.decode(v).ok())
-            .ok_or_else(|| ProofError {
-                step: "jwks",
-                why: "the JWKS entry has no usable EC point".into(),
-            })
-    };
-    let (x, y) = (coord(&jwk.x)?, coord(&jwk.y)?);
+    let (x, y) = (point[1..33].to_vec(), point[33..65].to_vec());
     let seg = segment("a kid", kid).map_err(step("jwks"))?;
     let c: KeyProofChallengeResponse = api
         .post(&format!("/v1/keys/{seg}/proof/challenge"), &json!({}))

@@ -63,8 +63,13 @@ pub(super) fn write(dir: &Path, e: &Evidence<'_>, checked: &Checked, a: &Answer)
         ("nonce.bin", a.nonce.clone()),
         ("certify.attest", a.attest.clone()),
         ("certify.sig", a.signature.clone()),
-        ("certify.sig.der", ecdsa_der(&a.signature)?),
     ];
+    let mut files = files;
+    // openssl's form of the signature, for keygate's P-256 AK (another server's AK may be
+    // RSA or P-384: certify.sig, the TPM's own form, is written either way).
+    if matches!(&checked.ak.key, crate::attest::KeyKind::Ecc { x, .. } if x.len() == 32) {
+        files.push(("certify.sig.der", ecdsa_der(&a.signature)?));
+    }
     for (name, bytes) in files {
         let path = dir.join(name);
         std::fs::write(&path, bytes).with_context(|| format!("cannot write {}", path.display()))?;

@@ -131,8 +131,8 @@ fn ek_session(ctx: &mut Context, kind: EkKind) -> Result<AuthSession, KeyError> 
             what: "StartAuthSession(policy)".into(),
             reason: "no session".into(),
         })?;
-    let ps = PolicySession::try_from(s).map_err(|e| tss_error("policy session", e))?;
     let r = (|| {
+        let ps = PolicySession::try_from(s).map_err(|e| tss_error("policy session", e))?;
         ctx.execute_with_nullauth_session(|c| {
             c.policy_secret(
                 ps,
@@ -164,7 +164,10 @@ fn ek_session(ctx: &mut Context, kind: EkKind) -> Result<AuthSession, KeyError> 
 }
 
 /// TPM2_ActivateCredential of a TPM2B_ID_OBJECT and TPM2B_ENCRYPTED_SECRET made for `ak`'s
-/// name with `ek`'s public key: the secret, which only this TPM can recover.
+/// name with `ek`'s public key: the secret, which only this TPM can recover. The inner
+/// error is the TPM refusing the credential itself (made for another EK or AK, or changed
+/// on the way), with its response; the outer one is anything else (the session, the
+/// device, input that is not a TPM2B).
 pub fn activate(
     ctx: &mut Context,
     kind: EkKind,
@@ -172,7 +175,7 @@ pub fn activate(
     ek: KeyHandle,
     id_object: &[u8],
     encrypted_secret: &[u8],
-) -> Result<Vec<u8>, KeyError> {
+) -> Result<Result<Vec<u8>, String>, KeyError> {
     let id = IdObject::try_from(unwrap_tpm2b("id_object", id_object)?)
         .map_err(|_| KeyError::BadInput("id_object is too long".into()))?;
     let secret = EncryptedSecret::try_from(unwrap_tpm2b("encrypted_secret", encrypted_secret)?)
@@ -182,8 +185,8 @@ pub fn activate(
         c.activate_credential(ak, ek, id, secret)
     });
     let _ = ctx.flush_context(SessionHandle::from(session).into());
-    let digest = r.map_err(|e| tss_error("ActivateCredential", e))?;
-    Ok(digest.value().to_vec())
+    Ok(r.map(|d| d.value().to_vec())
+        .map_err(|e| e.to_string().replace('\n', " ")))
 }
 
 #[cfg(test)]

@@ -182,13 +182,12 @@ impl TpmBackend {
             let r = obj.and_then(|obj| {
                 let activated = ek::activate(ctx, kind, ak, ek, id_object, encrypted_secret);
                 let r = activated
-                    .map_err(|e| match e {
-                        // The TPM answered and refused: the credential was not made for
-                        // this EK and AK. A client's mistake, not a device failure.
-                        KeyError::Tpm { reason, .. } if ctx.get_random(1).is_ok() => KeyError::BadInput(
-                            format!("the TPM refused to activate the credential ({reason})"),
-                        ),
-                        e => e,
+                    .and_then(|r| {
+                        // The TPM refused the credential itself: it was not made for this EK
+                        // and AK. A client's mistake, not a device failure.
+                        r.map_err(|why| {
+                            KeyError::BadInput(format!("the TPM refused to activate the credential ({why})"))
+                        })
                     })
                     .and_then(|secret| {
                         if let Some(a) = auth {
