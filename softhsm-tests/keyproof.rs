@@ -472,6 +472,34 @@ async fn an_ek_certificate_file_is_shown_instead_of_nv() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endorsement_password_is_used_when_configured_and_never_stops_the_service() {
+    let ca = TestCa::new();
+    let tpm = Swtpm::manufactured(&ca);
+    let bundle = ca.bundle.path().to_str().unwrap();
+    let set = Command::new("tpm2_changeauth")
+        .args(["-c", "e", "endorse-me"])
+        .env("TPM2TOOLS_TCTI", tpm.tcti())
+        .output()
+        .unwrap();
+    assert!(set.status.success(), "{}", String::from_utf8_lossy(&set.stderr));
+    // Not configured: init and serving work (the key is published unproven, with a
+    // warning); a proof cannot be made.
+    let env = Env::on_tpm(&tpm.tcti()).await;
+    let (base, _svc) = env.serve().await;
+    crate::common::issue(&base, &env.admin, json!({"subject": "n", "audience": "fleet"})).await;
+    let (ok, out, _) = prove(&env, &base, &["--tpm-ca", bundle]);
+    assert!(!ok && out.contains("FAILED at step evidence"), "{out}");
+    // Configured: proven.
+    let pw = tpm.state.path().join("endorsement.auth");
+    std::fs::write(&pw, "endorse-me").unwrap();
+    let lines = format!("endorsement_auth = {{ file = \"{}\" }}", pw.display());
+    let env = Env::on_tpm_section(&tpm.tcti(), &lines).await;
+    let (base, _svc) = env.serve().await;
+    let (ok, out, err) = prove(&env, &base, &["--tpm-ca", bundle]);
+    assert!(ok, "{out}{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_softhsm2_key_is_never_reported_as_proven() {
     let env = Env::new().await;
     let (base, _svc) = env.serve().await;

@@ -266,12 +266,28 @@ async fn prove_own_key(
 ) -> Result<(), AuthorityError> {
     use crate::attest::keyproof;
     use p256::elliptic_curve::sec1::ToSec1Point;
+    // A TPM that cannot make proofs at all (an endorsement hierarchy with a password not
+    // configured, say) keeps working: its keys are published unproven, with a warning.
+    let unavailable = |e: &crate::keys::KeyError| {
+        tracing::warn!(
+            uri = %info.uri,
+            error = %e,
+            "key proofs are unavailable on this TPM; the new key is published without one \
+             (an endorsement hierarchy with a password needs [tpm] endorsement_auth)"
+        );
+    };
     let (b, uri) = (backend.clone(), info.uri.clone());
     let evidence = tokio::task::spawn_blocking(move || b.key_evidence(&uri))
         .await
-        .map_err(|e| AuthorityError::Internal(e.to_string()))??;
-    let crate::keys::KeyEvidence::Tpm(t) = evidence else {
-        return Ok(());
+        .map_err(|e| AuthorityError::Internal(e.to_string()))?;
+    let t = match evidence {
+        Ok(crate::keys::KeyEvidence::Tpm(t)) => t,
+        Ok(_) => return Ok(()),
+        Err(e @ crate::keys::KeyError::Tpm { .. }) => {
+            unavailable(&e);
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
     };
     let unprovable = |e: keyproof::ProofError| {
         AuthorityError::Internal(format!(

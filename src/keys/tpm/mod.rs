@@ -47,6 +47,10 @@ pub struct TpmConfig {
     /// The EK certificate (DER or PEM) for a TPM that holds none in NV.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ek_certificate: Option<std::path::PathBuf>,
+    /// The endorsement hierarchy's auth value, when it has one (key proofs create the EK
+    /// and the AK there), from a file or an environment variable. None: empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endorsement_auth: Option<SecretSource>,
 }
 
 impl TpmConfig {
@@ -60,6 +64,7 @@ impl TpmConfig {
             timeout_ms: default_timeout_ms(),
             ek: None,
             ek_certificate: None,
+            endorsement_auth: None,
         }
     }
 }
@@ -100,6 +105,7 @@ pub struct TpmBackend {
     tcti: TctiNameConf,
     simulator: bool,
     auth: Option<secrecy::SecretString>,
+    endorsement_auth: Option<secrecy::SecretString>,
     ctx: Mutex<Option<Context>>,
     /// The device id, once asked (a CreatePrimary each time otherwise).
     device_id: std::sync::OnceLock<String>,
@@ -134,11 +140,17 @@ impl TpmBackend {
         let tcti = TctiNameConf::from_str(&config.tcti)
             .map_err(|e| KeyError::Config(format!("[tpm] tcti {:?}: {e}", config.tcti)))?;
         let auth = config.auth.as_ref().map(SecretSource::read).transpose()?;
+        let endorsement_auth = config
+            .endorsement_auth
+            .as_ref()
+            .map(SecretSource::read)
+            .transpose()?;
         let backend = TpmBackend {
             simulator: config.tcti.starts_with("swtpm") || config.tcti.starts_with("mssim"),
             config: config.clone(),
             tcti,
             auth,
+            endorsement_auth,
             ctx: Mutex::new(None),
             device_id: std::sync::OnceLock::new(),
             endorsement: std::sync::OnceLock::new(),
@@ -176,6 +188,10 @@ impl TpmBackend {
             *guard = None;
         }
         r
+    }
+
+    pub(crate) fn endorsement_auth(&self) -> Option<&secrecy::SecretString> {
+        self.endorsement_auth.as_ref()
     }
 
     pub(crate) fn auth(&self) -> Option<&secrecy::SecretString> {

@@ -86,8 +86,21 @@ fn read_certificate_file(path: &std::path::Path) -> Result<Vec<u8>, KeyError> {
 }
 
 impl TpmBackend {
-    /// Creates the EK and the AK (transient; the caller flushes both).
-    fn load_endorsement(ctx: &mut Context, kind: EkKind) -> Result<(KeyHandle, KeyHandle, Public), KeyError> {
+    /// Creates the EK and the AK (transient; the caller flushes both), with the endorsement
+    /// hierarchy's auth value when one is configured.
+    fn load_endorsement(
+        &self,
+        ctx: &mut Context,
+        kind: EkKind,
+    ) -> Result<(KeyHandle, KeyHandle, Public), KeyError> {
+        if let Some(a) = self.endorsement_auth() {
+            let auth = tss_esapi::structures::Auth::try_from(
+                secrecy::ExposeSecret::expose_secret(a).as_bytes().to_vec(),
+            )
+            .map_err(|e| KeyError::Config(format!("[tpm] endorsement_auth: {e}")))?;
+            ctx.tr_set_auth(tss_esapi::handles::ObjectHandle::Endorsement, auth)
+                .map_err(|e| tss_error("TR_SetAuth(endorsement)", e))?;
+        }
         let ek = ek::create_ek(ctx, kind)?;
         let ak = ak_template()
             .map_err(|e| tss_error("AK template", e))
@@ -124,7 +137,7 @@ impl TpmBackend {
                 .find_map(|k| ek::ek_certificate(ctx, *k).map(|cert| (*k, Some(cert))))
                 .unwrap_or((EkKind::Rsa2048, None)),
         };
-        let (ek, ak, ak_public) = Self::load_endorsement(ctx, kind)?;
+        let (ek, ak, ak_public) = self.load_endorsement(ctx, kind)?;
         let ek_public = ctx
             .read_public(ek)
             .map_err(|e| tss_error("ReadPublic(EK)", e))
@@ -177,7 +190,7 @@ impl TpmBackend {
         self.with_context(|ctx| {
             let handle = self.key_handle(ctx, uri)?;
             let kind = self.endorsement(ctx)?.kind;
-            let (ek, ak, _) = Self::load_endorsement(ctx, kind)?;
+            let (ek, ak, _) = self.load_endorsement(ctx, kind)?;
             let obj = Self::open_persistent(ctx, handle);
             let r = obj.and_then(|obj| {
                 let activated = ek::activate(ctx, kind, ak, ek, id_object, encrypted_secret);
