@@ -201,14 +201,8 @@ async fn the_tpm2_tools_script_enrolls_rsa_and_ecc_eks_and_the_results_verify() 
             .iter()
             .all(|m| m["enrolled_at"].is_string() && m["revoked_at"].is_null())
     );
-    let audit: Value = get_authed(&base, "/v1/audit?limit=1000", &env.admin)
-        .await
-        .json()
-        .await
-        .unwrap();
-    let done = audit["entries"]
-        .as_array()
-        .unwrap()
+    let audit = crate::common::audit_entries(&base, &env.admin).await;
+    let done = audit
         .iter()
         .filter(|e| e["action"] == "enroll.complete" && e["outcome"] == "success")
         .count();
@@ -402,14 +396,8 @@ async fn every_refusal_names_its_check_issues_nothing_and_never_500s(store: Test
     assert_eq!(s, 200, "{p}");
     assert_eq!(issued(&env), before + 1);
     // Every refusal is in the audit log, and the chain still verifies.
-    let audit: Value = get_authed(&base, "/v1/audit?limit=1000", &env.admin)
-        .await
-        .json()
-        .await
-        .unwrap();
-    let denied = audit["entries"]
-        .as_array()
-        .unwrap()
+    let audit = crate::common::audit_entries(&base, &env.admin).await;
+    let denied = audit
         .iter()
         .filter(|e| {
             e["action"].as_str().unwrap().starts_with("enroll.")

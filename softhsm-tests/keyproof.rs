@@ -12,7 +12,7 @@ use keygate::attest::keyproof::{self, Checked, Evidence};
 use serde_json::{Value, json};
 
 use crate::common::swtpm::{Swtpm, TestCa};
-use crate::common::{Env, get_authed, jwks};
+use crate::common::{Env, jwks};
 
 /// `keygate keys prove --server server args…`: (exit 0, stdout, stderr).
 pub(crate) fn prove(env: &Env, server: &str, args: &[&str]) -> (bool, String, String) {
@@ -69,6 +69,42 @@ async fn checked_challenge(base: &str, kid: &str, bundle: &EkCaBundle) -> (Value
     (c, checked)
 }
 
+/// Answers the challenge `challenge` of `url` with `cred` and `nonce`.
+async fn answer(
+    url: &str,
+    cred: &keygate::attest::Credential,
+    challenge: &Value,
+    nonce: &[u8],
+) -> (u16, Value) {
+    let body = json!({
+        "challenge": challenge,
+        "id_object": STANDARD.encode(&cred.id_object),
+        "encrypted_secret": STANDARD.encode(&cred.encrypted_secret),
+        "nonce": STANDARD.encode(nonce),
+    });
+    post(url, body).await
+}
+
+/// The verifier's last steps on the secret of answer `returned` and the certification of
+/// answer `certified` (the same answer, or another one to replay).
+fn check(
+    checked: &Checked,
+    secret: &[u8],
+    nonce: &[u8],
+    returned: &Value,
+    certified: &Value,
+) -> Result<(), keyproof::ProofError> {
+    let r = b64(&returned["secret"]);
+    keyproof::check_answer(
+        checked,
+        secret,
+        nonce,
+        &r,
+        &b64(&certified["attest"]),
+        &b64(&certified["signature"]),
+    )
+}
+
 fn tool(dir: &Path, prog: &str, args: &[&str]) -> String {
     let out = Command::new(prog).current_dir(dir).args(args).output().unwrap();
     assert!(
@@ -117,14 +153,8 @@ async fn tpm_keys_are_proven_with_rsa_and_p384_eks_and_a_rotated_key_before_it_s
             assert!(out.contains(&format!("{kid}: proven")), "{out}");
         }
         // Every proof is audited.
-        let audit: Value = get_authed(&base, "/v1/audit?limit=1000", &env.admin)
-            .await
-            .json()
-            .await
-            .unwrap();
-        let proofs = audit["entries"]
-            .as_array()
-            .unwrap()
+        let audit = crate::common::audit_entries(&base, &env.admin).await;
+        let proofs = audit
             .iter()
             .filter(|e| e["action"] == "key.proof" && e["outcome"] == "success")
             .count();
@@ -255,16 +285,8 @@ async fn a_proof_fails_at_the_step_that_is_wrong() {
     let (c, checked) = checked_challenge(&base, &kid, &bundle).await;
     let secret = [7u8; 32];
     let wrong = keygate::attest::make_credential(&checked.ek, &checked.key.name(), &secret).unwrap();
-    let answer = |cred: &keygate::attest::Credential, challenge: &Value, nonce: &[u8]| {
-        json!({
-            "challenge": challenge,
-            "id_object": STANDARD.encode(&cred.id_object),
-            "encrypted_secret": STANDARD.encode(&cred.encrypted_secret),
-            "nonce": STANDARD.encode(nonce),
-        })
-    };
     let url = format!("{base}/v1/keys/{kid}/proof");
-    let (s, p) = post(&url, answer(&wrong, &c["challenge"], &[1; 32])).await;
+    let (s, p) = answer(&url, &wrong, &c["challenge"], &[1; 32]).await;
     assert_eq!(s, 400, "{p}");
     assert!(
         p["detail"]
@@ -275,53 +297,33 @@ async fn a_proof_fails_at_the_step_that_is_wrong() {
     );
     // The challenge was spent by that attempt.
     let right = keyproof::credential_for(&checked, &secret).unwrap();
-    let (s, p) = post(&url, answer(&right, &c["challenge"], &[1; 32])).await;
+    let (s, p) = answer(&url, &right, &c["challenge"], &[1; 32]).await;
     assert_eq!(s, 401, "{p}");
 
     // A good proof, kept; then a second proof answered with the first certification (a
     // replay): the nonce is not this verifier's.
     let (c1, checked1) = checked_challenge(&base, &kid, &bundle).await;
     let nonce1 = [0x11u8; 32];
-    let (s, a1) = post(
+    let (s, a1) = answer(
         &url,
-        answer(
-            &keyproof::credential_for(&checked1, &secret).unwrap(),
-            &c1["challenge"],
-            &nonce1,
-        ),
+        &keyproof::credential_for(&checked1, &secret).unwrap(),
+        &c1["challenge"],
+        &nonce1,
     )
     .await;
     assert_eq!(s, 200, "{a1}");
-    keyproof::check_answer(
-        &checked1,
-        &secret,
-        &nonce1,
-        &b64(&a1["secret"]),
-        &b64(&a1["attest"]),
-        &b64(&a1["signature"]),
-    )
-    .unwrap();
+    check(&checked1, &secret, &nonce1, &a1, &a1).unwrap();
     let (c2, checked2) = checked_challenge(&base, &kid, &bundle).await;
     let (secret2, nonce2) = ([9u8; 32], [0x22u8; 32]);
-    let (s, a2) = post(
+    let (s, a2) = answer(
         &url,
-        answer(
-            &keyproof::credential_for(&checked2, &secret2).unwrap(),
-            &c2["challenge"],
-            &nonce2,
-        ),
+        &keyproof::credential_for(&checked2, &secret2).unwrap(),
+        &c2["challenge"],
+        &nonce2,
     )
     .await;
     assert_eq!(s, 200, "{a2}");
-    let replayed = keyproof::check_answer(
-        &checked2,
-        &secret2,
-        &nonce2,
-        &b64(&a2["secret"]),
-        &b64(&a1["attest"]),
-        &b64(&a1["signature"]),
-    )
-    .unwrap_err();
+    let replayed = check(&checked2, &secret2, &nonce2, &a2, &a1).unwrap_err();
     assert_eq!(replayed.step, "certify");
     assert!(replayed.why.contains("nonce"), "{replayed}");
     // A secret that is not the one sealed: the credential step.
@@ -335,15 +337,7 @@ async fn a_proof_fails_at_the_step_that_is_wrong() {
     )
     .unwrap_err();
     assert_eq!(e.step, "credential");
-    keyproof::check_answer(
-        &checked2,
-        &secret2,
-        &nonce2,
-        &b64(&a2["secret"]),
-        &b64(&a2["attest"]),
-        &b64(&a2["signature"]),
-    )
-    .unwrap();
+    check(&checked2, &secret2, &nonce2, &a2, &a2).unwrap();
 
     // Two keys (a rotation): evidence of one shown for the other's kid.
     let r = reqwest::Client::new()
@@ -380,25 +374,15 @@ async fn a_proof_fails_at_the_step_that_is_wrong() {
     let swapped =
         keyproof::check_evidence(&shown, &bundle, (&ox, &oy), keygate::token::verify::now()).unwrap();
     let (c3, _) = checked_challenge(&base, &kid, &bundle).await;
-    let (s, a3) = post(
+    let (s, a3) = answer(
         &url,
-        answer(
-            &keyproof::credential_for(&swapped, &secret).unwrap(),
-            &c3["challenge"],
-            &nonce1,
-        ),
+        &keyproof::credential_for(&swapped, &secret).unwrap(),
+        &c3["challenge"],
+        &nonce1,
     )
     .await;
     assert_eq!(s, 200, "{a3}");
-    let e = keyproof::check_answer(
-        &swapped,
-        &secret,
-        &nonce1,
-        &b64(&a3["secret"]),
-        &b64(&a3["attest"]),
-        &b64(&a3["signature"]),
-    )
-    .unwrap_err();
+    let e = check(&swapped, &secret, &nonce1, &a3, &a3).unwrap_err();
     assert_eq!(e.step, "certify");
     assert!(e.why.contains("another key"), "{e}");
 
@@ -406,24 +390,16 @@ async fn a_proof_fails_at_the_step_that_is_wrong() {
     let (s, _) = post(&format!("{base}/v1/keys/nope/proof/challenge"), json!({})).await;
     assert_eq!(s, 404);
     let (c4, checked4) = checked_challenge(&base, &kid, &bundle).await;
-    let (s, p) = post(
+    let (s, p) = answer(
         &url,
-        answer(
-            &keyproof::credential_for(&checked4, &secret).unwrap(),
-            &c4["challenge"],
-            &[1; 8],
-        ),
+        &keyproof::credential_for(&checked4, &secret).unwrap(),
+        &c4["challenge"],
+        &[1; 8],
     )
     .await;
     assert_eq!(s, 400, "{p}");
-    let audit: Value = get_authed(&base, "/v1/audit?limit=1000", &env.admin)
-        .await
-        .json()
-        .await
-        .unwrap();
-    let denied = audit["entries"]
-        .as_array()
-        .unwrap()
+    let audit = crate::common::audit_entries(&base, &env.admin).await;
+    let denied = audit
         .iter()
         .filter(|e| e["action"] == "key.proof" && e["outcome"].as_str().unwrap().starts_with("denied"))
         .count();

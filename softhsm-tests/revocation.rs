@@ -3,7 +3,7 @@
 use keygate::token::{Verifier, VerifierConfig, VerifyError, jws};
 use serde_json::{Value, json};
 
-use crate::common::{Env, create_api_token, get_authed, introspect, issue, jwks, metric, revoke};
+use crate::common::{Env, create_api_token, introspect, issue, jwks, metric, revoke};
 
 pub(crate) async fn revocations(base: &str, query: &str) -> reqwest::Response {
     reqwest::get(format!("{base}/v1/revocations{query}"))
@@ -135,15 +135,9 @@ async fn revoked_tokens_are_refused_by_introspection_the_list_and_offline_verifi
         }
     }
     assert!(metric(&base, "keygate_tokens_revoked_total").await > 0.0);
-    let audit: Value = get_authed(&base, "/v1/audit?limit=1000", &env.admin)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let audit = crate::common::audit_entries(&base, &env.admin).await;
     assert!(
-        audit["entries"]
-            .as_array()
-            .unwrap()
+        audit
             .iter()
             .any(|e| e["action"] == "token.revoke" && e["target"] == ja)
     );

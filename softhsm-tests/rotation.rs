@@ -129,17 +129,8 @@ async fn rotation_by_hand_emergency_retirement_and_destroy(env: Env) {
             .any(|k| k["kid"] == old.as_str() && k["destroyed_at"].is_string())
     );
     // Every step is in the audit log.
-    let page: Value = get_authed(&base, "/v1/audit?limit=1000", &env.admin)
-        .await
-        .json()
-        .await
-        .unwrap();
-    let actions: Vec<&str> = page["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["action"].as_str().unwrap())
-        .collect();
+    let page = crate::common::audit_entries(&base, &env.admin).await;
+    let actions: Vec<&str> = page.iter().map(|e| e["action"].as_str().unwrap()).collect();
     for a in ["key.rotate", "key.activate", "key.retire", "key.destroy"] {
         assert!(actions.contains(&a), "{a} not audited: {actions:?}");
     }

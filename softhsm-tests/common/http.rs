@@ -99,6 +99,16 @@ pub async fn create_api_token(
     r.json().await.unwrap()
 }
 
+/// The first 1,000 audit entries (`GET /v1/audit`), read with `api_token`.
+pub async fn audit_entries(base: &str, api_token: &str) -> Vec<serde_json::Value> {
+    let page: serde_json::Value = get_authed(base, "/v1/audit?limit=1000", api_token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    page["entries"].as_array().unwrap().clone()
+}
+
 /// Runs openssl in `dir` with `args` and asserts it succeeded.
 pub fn openssl(dir: &Path, args: &[&str]) -> std::process::Output {
     let out = std::process::Command::new("openssl")
