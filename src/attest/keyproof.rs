@@ -85,8 +85,7 @@ pub fn check_evidence(
     jwk_point: (&[u8], &[u8]),
     now: i64,
 ) -> Result<Checked, ProofError> {
-    let ek =
-        TpmPublic::from_tpm2b(e.ek_public, "ek_public").map_err(|x| fail("ek-certificate", x.to_string()))?;
+    let ek = parse_ek(e)?;
     let cert = e
         .ek_certificate
         .ok_or_else(|| fail("ek-certificate", "the server shows no EK certificate"))?;
@@ -106,8 +105,7 @@ pub fn check_evidence(
 /// before it publishes it (it need not hold the manufacturer CAs). Not a proof to anyone
 /// else: the EK is whatever the server says.
 pub fn check_own_key(e: &Evidence<'_>, jwk_point: (&[u8], &[u8])) -> Result<Checked, ProofError> {
-    let ek =
-        TpmPublic::from_tpm2b(e.ek_public, "ek_public").map_err(|x| fail("ek-certificate", x.to_string()))?;
+    let ek = parse_ek(e)?;
     let (ak, key) = check_binding(e, jwk_point)?;
     Ok(Checked {
         ek,
@@ -115,6 +113,10 @@ pub fn check_own_key(e: &Evidence<'_>, jwk_point: (&[u8], &[u8])) -> Result<Chec
         key,
         manufacturer_ca: String::new(),
     })
+}
+
+fn parse_ek(e: &Evidence<'_>) -> Result<TpmPublic, ProofError> {
+    TpmPublic::from_tpm2b(e.ek_public, "ek_public").map_err(|x| fail("ek-certificate", x.to_string()))
 }
 
 /// The AK and the key: attributes, and the key is the JWKS one.

@@ -48,9 +48,9 @@ impl Default for Challenges {
 impl Challenges {
     fn open(&self, kid: &str) -> Result<(String, i64), AuthorityError> {
         let id = b64::encode(random_bytes::<16>()?);
-        let expires = now() + CHALLENGE_TTL;
-        let mut m = self.open.lock().unwrap_or_else(|p| p.into_inner());
         let t = now();
+        let expires = t + CHALLENGE_TTL;
+        let mut m = self.open.lock().unwrap_or_else(|p| p.into_inner());
         m.retain(|_, (_, exp)| *exp > t);
         if m.len() >= MAX_OPEN
             && let Some(oldest) = m.iter().min_by_key(|(_, (_, exp))| *exp).map(|(k, _)| k.clone())

@@ -22,58 +22,59 @@ use tss_esapi::tss2_esys::TPMT_TK_HASHCHECK;
 use super::{TpmBackend, parse_uri, tss_error, uri_for};
 use crate::keys::{KeyError, KeyInfo, parse_ec_point};
 
-/// The owner-hierarchy storage primary: an ECC P-256 restricted decryption key with the
-/// TCG's AES-128-CFB symmetric, re-derived the same every time from the owner seed.
-fn storage_primary() -> tss_esapi::Result<Public> {
-    let attributes = ObjectAttributesBuilder::new()
+/// The attributes of every object keygate makes in the TPM: generated there
+/// (sensitiveDataOrigin), bound to it and to its parent (fixedTPM, fixedParent), used with
+/// its auth value.
+pub(super) fn bound_attributes() -> ObjectAttributesBuilder {
+    ObjectAttributesBuilder::new()
         .with_fixed_tpm(true)
         .with_fixed_parent(true)
         .with_sensitive_data_origin(true)
         .with_user_with_auth(true)
-        .with_no_da(true)
-        .with_restricted(true)
-        .with_decrypt(true)
-        .build()?;
+}
+
+/// An ECC P-256 public template with SHA-256 names and the TPM's own unique value.
+pub(super) fn p256_template(
+    attributes: ObjectAttributesBuilder,
+    parameters: PublicEccParametersBuilder,
+) -> tss_esapi::Result<Public> {
     PublicBuilder::new()
         .with_public_algorithm(PublicAlgorithm::Ecc)
         .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
-        .with_object_attributes(attributes)
-        .with_ecc_parameters(
-            PublicEccParametersBuilder::new_restricted_decryption_key(
-                SymmetricDefinitionObject::AES_128_CFB,
-                EccCurve::NistP256,
-            )
-            .build()?,
-        )
+        .with_object_attributes(attributes.build()?)
+        .with_ecc_parameters(parameters.build()?)
         .with_ecc_unique_identifier(EccPoint::default())
         .build()
+}
+
+/// The owner-hierarchy storage primary: an ECC P-256 restricted decryption key with the
+/// TCG's AES-128-CFB symmetric, re-derived the same every time from the owner seed.
+fn storage_primary() -> tss_esapi::Result<Public> {
+    p256_template(
+        bound_attributes()
+            .with_no_da(true)
+            .with_restricted(true)
+            .with_decrypt(true),
+        PublicEccParametersBuilder::new_restricted_decryption_key(
+            SymmetricDefinitionObject::AES_128_CFB,
+            EccCurve::NistP256,
+        ),
+    )
 }
 
 /// A keygate signing key: ECC P-256, ECDSA with SHA-256, sign only; fixedTPM, fixedParent
 /// and sensitiveDataOrigin, so the private part is made in the TPM and can never leave it.
 fn signing_key() -> tss_esapi::Result<Public> {
-    let attributes = ObjectAttributesBuilder::new()
-        .with_fixed_tpm(true)
-        .with_fixed_parent(true)
-        .with_sensitive_data_origin(true)
-        .with_user_with_auth(true)
-        .with_sign_encrypt(true)
-        .with_decrypt(false)
-        .with_restricted(false)
-        .build()?;
-    PublicBuilder::new()
-        .with_public_algorithm(PublicAlgorithm::Ecc)
-        .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
-        .with_object_attributes(attributes)
-        .with_ecc_parameters(
-            PublicEccParametersBuilder::new_unrestricted_signing_key(
-                EccScheme::EcDsa(HashScheme::new(HashingAlgorithm::Sha256)),
-                EccCurve::NistP256,
-            )
-            .build()?,
-        )
-        .with_ecc_unique_identifier(EccPoint::default())
-        .build()
+    p256_template(
+        bound_attributes()
+            .with_sign_encrypt(true)
+            .with_decrypt(false)
+            .with_restricted(false),
+        PublicEccParametersBuilder::new_unrestricted_signing_key(
+            EccScheme::EcDsa(HashScheme::new(HashingAlgorithm::Sha256)),
+            EccCurve::NistP256,
+        ),
+    )
 }
 
 fn pad32(v: &[u8]) -> Result<[u8; 32], KeyError> {

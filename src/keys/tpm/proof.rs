@@ -7,19 +7,19 @@
 //! template the same way.
 
 use tss_esapi::Context;
-use tss_esapi::attributes::ObjectAttributesBuilder;
 use tss_esapi::handles::KeyHandle;
-use tss_esapi::interface_types::algorithm::{HashingAlgorithm, PublicAlgorithm};
+use tss_esapi::interface_types::algorithm::HashingAlgorithm;
 use tss_esapi::interface_types::ecc::EccCurve;
 use tss_esapi::interface_types::resource_handles::Hierarchy;
 use tss_esapi::interface_types::session_handles::AuthSession;
 use tss_esapi::structures::{
-    Data, EccPoint, EccScheme, HashScheme, Public, PublicBuilder, PublicEccParametersBuilder,
-    SignatureScheme, SymmetricDefinitionObject,
+    Data, EccScheme, HashScheme, Public, PublicEccParametersBuilder, SignatureScheme,
+    SymmetricDefinitionObject,
 };
 use tss_esapi::traits::Marshall;
 
 use super::ek::{self, EkKind, public_tpm2b};
+use super::keys::{bound_attributes, p256_template};
 use super::{TpmBackend, parse_uri, tss_error};
 use crate::keys::{Certified, KeyError, TpmEvidence};
 
@@ -38,33 +38,21 @@ pub(super) struct Endorsement {
 /// The attestation key: ECC P-256, ECDSA with SHA-256, restricted signing (it signs only
 /// what the TPM itself produced: quotes, certifications), fixedTPM and fixedParent.
 fn ak_template() -> tss_esapi::Result<Public> {
-    let attributes = ObjectAttributesBuilder::new()
-        .with_fixed_tpm(true)
-        .with_fixed_parent(true)
-        .with_sensitive_data_origin(true)
-        .with_user_with_auth(true)
-        .with_no_da(true)
-        .with_restricted(true)
-        .with_sign_encrypt(true)
-        .with_decrypt(false)
-        .build()?;
-    PublicBuilder::new()
-        .with_public_algorithm(PublicAlgorithm::Ecc)
-        .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
-        .with_object_attributes(attributes)
-        .with_ecc_parameters(
-            PublicEccParametersBuilder::new()
-                .with_symmetric(SymmetricDefinitionObject::Null)
-                .with_ecc_scheme(EccScheme::EcDsa(HashScheme::new(HashingAlgorithm::Sha256)))
-                .with_curve(EccCurve::NistP256)
-                .with_key_derivation_function_scheme(tss_esapi::structures::KeyDerivationFunctionScheme::Null)
-                .with_is_signing_key(true)
-                .with_is_decryption_key(false)
-                .with_restricted(true)
-                .build()?,
-        )
-        .with_ecc_unique_identifier(EccPoint::default())
-        .build()
+    p256_template(
+        bound_attributes()
+            .with_no_da(true)
+            .with_restricted(true)
+            .with_sign_encrypt(true)
+            .with_decrypt(false),
+        PublicEccParametersBuilder::new()
+            .with_symmetric(SymmetricDefinitionObject::Null)
+            .with_ecc_scheme(EccScheme::EcDsa(HashScheme::new(HashingAlgorithm::Sha256)))
+            .with_curve(EccCurve::NistP256)
+            .with_key_derivation_function_scheme(tss_esapi::structures::KeyDerivationFunctionScheme::Null)
+            .with_is_signing_key(true)
+            .with_is_decryption_key(false)
+            .with_restricted(true),
+    )
 }
 
 /// Reads an EK certificate file: DER, or the first PEM `CERTIFICATE` block.
