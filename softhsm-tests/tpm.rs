@@ -174,6 +174,60 @@ fn tpm_key_auth_is_required_and_missing_tpm_is_one_line() {
     );
 }
 
+/// A TPM that stalls in the middle of a signature: the request is answered 503 at the
+/// device wait (`[tpm] timeout_ms`), and the signature the TPM makes once it goes on is
+/// thrown away: no token is recorded or audited for a request answered 503. (The signing
+/// thread hands tokens to the store's writer itself: it drops a token whose caller gave up,
+/// and the writer drops a write whose caller stopped waiting; the test fails only when both
+/// checks are gone.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_signature_made_after_its_wait_is_thrown_away() {
+    use serde_json::json;
+
+    let tpm = Swtpm::start();
+    let env = Env::on_tpm(&tpm.tcti()).await; // timeout_ms = 2000
+    let (base, svc) = env.serve().await;
+    let request = json!({"subject": "n", "audience": "fleet"});
+    crate::common::issue(&base, &env.admin, request.clone()).await;
+    let count = |sql: &'static str| {
+        let env = &env;
+        async move {
+            let db = env.db().await;
+            let n = db.int(sql, &[]).await;
+            db.close().await;
+            n
+        }
+    };
+    let recorded = "SELECT COUNT(*) FROM issued_tokens";
+    let audited = "SELECT COUNT(*) FROM audit_log WHERE action = 'token.issue'";
+    let before = (count(recorded).await, count(audited).await);
+
+    tpm.pause();
+    let started = Instant::now();
+    let r = reqwest::Client::new()
+        .post(format!("{base}/v1/tokens"))
+        .bearer_auth(&env.admin)
+        .json(&request)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503, "{}", r.text().await.unwrap());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the request outwaited the device wait"
+    );
+    tpm.resume();
+    // the TPM finishes the stalled signature now; the next request queues behind it
+    let out = crate::common::issue(&base, &env.admin, request).await;
+    assert!(out["token"].is_string());
+    drop(svc);
+    assert_eq!(
+        (count(recorded).await, count(audited).await),
+        (before.0 + 1, before.1 + 1),
+        "only the token answered 201 after the stall is recorded and audited"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn http_api_on_the_tpm_backend_and_a_tpm_outage() {
     use crate::common::{get_authed, issue, jwks};

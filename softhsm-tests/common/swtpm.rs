@@ -77,6 +77,21 @@ impl Swtpm {
         }
     }
 
+    /// Stops the simulator where it is (SIGSTOP): a command sent now hangs, on an open
+    /// connection, until [`Swtpm::resume`].
+    pub fn pause(&self) {
+        if let Some(c) = &self.child {
+            super::signal(c, libc::SIGSTOP);
+        }
+    }
+
+    /// Lets a paused simulator go on (SIGCONT): the hanging command completes.
+    pub fn resume(&self) {
+        if let Some(c) = &self.child {
+            super::signal(c, libc::SIGCONT);
+        }
+    }
+
     /// Starts it again on the same port and state folder.
     pub fn restart(&mut self) {
         self.stop();

@@ -2,10 +2,12 @@
 
 use std::time::Instant;
 
+use tokio::sync::oneshot;
 use zeroize::Zeroizing;
 
-use super::{Authority, AuthorityError, Principal, now, random_bytes};
+use super::{Authority, AuthorityError, Principal, now, random_bytes, signing_input, timed_sign};
 use crate::audit::AuditRecord;
+use crate::keys::Handoff;
 use crate::store::{IssuedToken, WriteOp};
 use crate::token::{self, Audience, Claims, Confirmation, b64};
 
@@ -137,7 +139,11 @@ impl Authority {
     /// Validates, signs inside the hardware with the active key, records the token and its
     /// audit entry, and only then returns it. Nothing is recorded for an invalid request;
     /// nothing is returned if recording fails.
-    #[tracing::instrument(skip_all, fields(kid, jti))]
+    ///
+    /// The signing thread hands the signed token straight to the store's writer, so this
+    /// task is woken once, when the commit is done (docs/benchmarks.md). The device wait
+    /// holds as for every signature: a request whose signature has not been made within it
+    /// is answered 503 and its token is neither recorded nor returned.
     pub async fn issue(
         &self,
         who: &Principal,
@@ -146,28 +152,54 @@ impl Authority {
     ) -> Result<Issued, AuthorityError> {
         let started = Instant::now();
         let ttl = req.validate(self.settings.default_ttl, self.settings.max_ttl)?;
-        let (issued, row) = self.mint(req, ttl, &who.id).await?;
-        self.store
-            .write(
-                vec![WriteOp::InsertIssued(row)],
-                AuditRecord::new(&who.id, "token.issue", &issued.jti, "success", remote),
-            )
-            .await?;
+        let ring = self.key_ring();
+        let (claims, row) = self.claims_for(req, ttl, &who.id, &ring.active.kid)?;
+        let input = signing_input(&ring.active.kid, &claims)?;
+        let audit = AuditRecord::new(&who.id, "token.issue", &claims.jti, "success", remote);
+        let signer = ring.active.signer.clone();
+        let writes = self.store.write_queue();
+        let (signed, mut token) = oneshot::channel();
+        let (reply, written) = oneshot::channel();
+        let ticket = self.sign_queue.submit(move |job: &Handoff| {
+            let sig = timed_sign(&signer, &input);
+            if !job.finish() {
+                return;
+            }
+            match sig {
+                Ok(sig) => {
+                    let _ = signed.send(Ok(token::jws::assemble(&input, &sig)));
+                    writes.submit(vec![WriteOp::InsertIssued(row)], audit, reply);
+                }
+                // `reply` is dropped unanswered: the caller reads why here
+                Err(e) => drop(signed.send(Err(e))),
+            }
+        })?;
+        let written = ticket.wait(self.store.answer(written)).await?;
+        let token = match token.try_recv() {
+            Ok(Ok(t)) => Zeroizing::new(t),
+            Ok(Err(e)) => return Err(e.into()),
+            // dropped unrun: its deadline passed in the queue
+            Err(_) => return Err(crate::keys::KeyError::Busy(self.sign_queue.wait_ms()).into()),
+        };
+        written?;
         metrics::counter!("keygate_tokens_issued_total").increment(1);
         metrics::histogram!("keygate_issue_duration_seconds").record(started.elapsed().as_secs_f64());
-        Ok(issued)
+        Ok(Issued {
+            token,
+            jti: claims.jti,
+            kid: ring.active.kid.clone(),
+            expires_at: claims.exp,
+        })
     }
 
-    /// Signs a token for a validated request inside the hardware with the active key, and
-    /// returns it with the row to record. The caller records it (with its audit entry) and
-    /// hands the token out only once that is committed.
-    pub(super) async fn mint(
+    /// The claims of a token for a validated request, with a new jti, and its row to record.
+    fn claims_for(
         &self,
         req: &IssueRequest,
         ttl: u64,
         issued_by: &str,
-    ) -> Result<(Issued, IssuedToken), AuthorityError> {
-        let ring = self.key_ring();
+        kid: &str,
+    ) -> Result<(Claims, IssuedToken), AuthorityError> {
         let iat = now();
         let jti = new_jti()?;
         let mut scopes: Vec<String> = Vec::new();
@@ -189,17 +221,9 @@ impl Authority {
             one_time: req.one_time.then_some(true),
             sans: Some(req.normalized_sans()?).filter(|s| !s.is_empty()),
         };
-        let payload = serde_json::to_vec(&claims).map_err(|e| AuthorityError::Internal(e.to_string()))?;
-        let token = Zeroizing::new(
-            self.sign_compact(&ring.active, token::TYP_PROVISIONING, &payload)
-                .await?,
-        );
-        tracing::Span::current()
-            .record("kid", ring.active.kid.as_str())
-            .record("jti", jti.as_str());
         let row = IssuedToken {
-            jti: jti.clone(),
-            kid: ring.active.kid.clone(),
+            jti,
+            kid: kid.to_owned(),
             sub: claims.sub.clone(),
             aud: req.audience.clone(),
             scopes: claims.scope.clone().unwrap_or_default(),
@@ -210,9 +234,32 @@ impl Authority {
             cnf_jkt: req.cnf_jkt.clone(),
             issued_by: issued_by.to_owned(),
         };
+        Ok((claims, row))
+    }
+
+    /// Signs a token for a validated request inside the hardware with the active key, and
+    /// returns it with the row to record. The caller records it (with its audit entry) and
+    /// hands the token out only once that is committed.
+    pub(super) async fn mint(
+        &self,
+        req: &IssueRequest,
+        ttl: u64,
+        issued_by: &str,
+    ) -> Result<(Issued, IssuedToken), AuthorityError> {
+        let ring = self.key_ring();
+        let (claims, row) = self.claims_for(req, ttl, issued_by, &ring.active.kid)?;
+        let input = signing_input(&ring.active.kid, &claims)?;
+        let signer = ring.active.signer.clone();
+        let (input, sig) = self
+            .sign_blocking(move || {
+                let sig = timed_sign(&signer, &input);
+                (input, sig)
+            })
+            .await?;
+        let token = Zeroizing::new(token::jws::assemble(&input, &sig?));
         let issued = Issued {
             token,
-            jti,
+            jti: claims.jti,
             kid: ring.active.kid.clone(),
             expires_at: claims.exp,
         };

@@ -300,8 +300,7 @@ impl Authority {
     }
 
     /// A JWS compact serialization of `payload` with header `{alg: ES256, typ, kid}`, signed
-    /// inside the hardware by `key` on a signing thread. The device call alone is timed into
-    /// `keygate_backend_sign_duration_seconds`.
+    /// inside the hardware by `key` on a signing thread.
     pub(crate) async fn sign_compact(
         &self,
         key: &ActiveKey,
@@ -313,10 +312,7 @@ impl Authority {
         let signer = key.signer.clone();
         let (input, sig) = self
             .sign_blocking(move || {
-                let started = std::time::Instant::now();
-                let sig = signer.sign_raw(input.as_bytes());
-                metrics::histogram!("keygate_backend_sign_duration_seconds")
-                    .record(started.elapsed().as_secs_f64());
+                let sig = timed_sign(&signer, &input);
                 (input, sig)
             })
             .await?;
@@ -372,6 +368,25 @@ pub fn now() -> i64 {
 }
 
 /// `n` random bytes from the OS CSPRNG.
+/// Signs a JWS signing input with `signer`; the device call alone is timed into
+/// `keygate_backend_sign_duration_seconds`. Runs on a signing thread.
+pub(crate) fn timed_sign(signer: &crate::keys::HardwareSigner, input: &str) -> Result<[u8; 64], KeyError> {
+    let started = std::time::Instant::now();
+    let sig = signer.sign_raw(input.as_bytes());
+    metrics::histogram!("keygate_backend_sign_duration_seconds").record(started.elapsed().as_secs_f64());
+    sig
+}
+
+/// The JWS signing input of a provisioning token with `claims`, signed by key `kid`.
+pub(crate) fn signing_input(kid: &str, claims: &crate::token::Claims) -> Result<String, AuthorityError> {
+    let payload = serde_json::to_vec(claims).map_err(|e| AuthorityError::Internal(e.to_string()))?;
+    crate::token::jws::signing_input(
+        &crate::token::Header::es256(crate::token::TYP_PROVISIONING, kid),
+        &payload,
+    )
+    .map_err(|e| AuthorityError::Internal(e.to_string()))
+}
+
 pub(crate) fn random_bytes<const N: usize>() -> Result<[u8; N], AuthorityError> {
     let mut b = [0u8; N];
     getrandom::fill(&mut b).map_err(|e| AuthorityError::Internal(format!("OS random source: {e}")))?;

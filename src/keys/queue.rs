@@ -7,21 +7,86 @@
 //! timeout) for its result and then gets [`KeyError::Busy`] (a 503); a job still queued at
 //! its deadline is dropped unrun, so a stalled device does not build up a backlog.
 //!
+//! A job can also hand its result on instead of waking its caller ([`SignQueue::submit`]):
+//! issuance signs on the signing thread and passes the token straight to the store's
+//! writer, so the request task is woken once, after the commit, not once per hand-off. A
+//! [`Ticket`] keeps the wait promise for such jobs: the caller gives up at the wait unless
+//! the job has [`Handoff::finish`]ed by then, and a job given up on does not hand anything on.
+//!
 //! Load shedding: the queue keeps a moving average of how long a job takes. A new job that
 //! would, by that average, wait longer than `wait` behind the jobs already queued is
 //! refused at once with [`KeyError::Busy`] (a fast 503 with `Retry-After`) instead of
 //! joining a queue it could only time out in. So under a burst the device stays busy,
 //! admitted requests wait at most about `wait`, and the others learn it in microseconds.
 
+use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::KeyError;
 
 struct Job {
     deadline: Instant,
-    run: Box<dyn FnOnce() + Send>,
+    state: Arc<AtomicU8>,
+    run: Box<dyn FnOnce(&Handoff) + Send>,
+}
+
+/// A job's state, shared by its signing thread and its caller.
+const QUEUED: u8 = 0;
+const RUNNING: u8 = 1;
+/// It finished its device work and may hand its result on.
+const FINISHED: u8 = 2;
+/// Its caller gave up (the wait passed): its result goes nowhere.
+const ABANDONED: u8 = 3;
+
+/// What a running job holds: the right to hand its result on.
+pub struct Handoff {
+    state: Arc<AtomicU8>,
+}
+
+impl Handoff {
+    /// Marks the device work done. True when the caller still waits: the job may now hand
+    /// its result on, and the caller waits for it past the wait. False when the caller gave
+    /// up: the result must be dropped.
+    pub fn finish(&self) -> bool {
+        self.state
+            .compare_exchange(RUNNING, FINISHED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+}
+
+/// A queued job, seen from its caller.
+#[must_use = "a ticket is how the caller learns that the wait passed"]
+pub struct Ticket {
+    state: Arc<AtomicU8>,
+    deadline: Instant,
+    /// The wait, in milliseconds (for [`KeyError::Busy`]).
+    wait_ms: u64,
+}
+
+impl Ticket {
+    /// Waits for `answer`: to its end once the job has [`Handoff::finish`]ed, else at most
+    /// until the wait passes, and then the job is given up ([`KeyError::Busy`]; a job not
+    /// yet run never runs, a running one hands nothing on).
+    pub async fn wait<T>(self, answer: impl Future<Output = T>) -> Result<T, KeyError> {
+        let mut answer = std::pin::pin!(answer);
+        match tokio::time::timeout_at(self.deadline.into(), &mut answer).await {
+            Ok(v) => Ok(v),
+            Err(_) => {
+                let gave_up = [QUEUED, RUNNING].into_iter().any(|from| {
+                    self.state
+                        .compare_exchange(from, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok()
+                });
+                if gave_up {
+                    Err(KeyError::Busy(self.wait_ms))
+                } else {
+                    Ok(answer.await)
+                }
+            }
+        }
+    }
 }
 
 /// A pool of named signing threads. Dropping it lets the threads finish their queue and exit.
@@ -56,9 +121,16 @@ impl SignQueue {
                 .name(format!("keygate-sign-{i}"))
                 .spawn(move || {
                     while let Ok(job) = rx.recv() {
-                        if Instant::now() <= job.deadline {
+                        let claimed = || {
+                            job.state
+                                .compare_exchange(QUEUED, RUNNING, Ordering::AcqRel, Ordering::Acquire)
+                                .is_ok()
+                        };
+                        if Instant::now() <= job.deadline && claimed() {
                             let started = Instant::now();
-                            (job.run)();
+                            (job.run)(&Handoff {
+                                state: job.state.clone(),
+                            });
                             let took = started.elapsed().as_nanos().min(u64::MAX as u128) as u64;
                             // an eighth of the new sample: follows a slowing device in a few jobs
                             let old = job_ns.load(Ordering::Relaxed);
@@ -77,13 +149,33 @@ impl SignQueue {
         })
     }
 
+    /// How long a caller waits for its job, in milliseconds.
+    pub fn wait_ms(&self) -> u64 {
+        self.wait.as_millis() as u64
+    }
+
     /// Runs `f` on a signing thread and returns its result, or [`KeyError::Busy`] when it
     /// has not finished within the wait.
     pub async fn run<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, KeyError> {
-        let busy = || KeyError::Busy(self.wait.as_millis() as u64);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let ticket = self.submit(move |h: &Handoff| {
+            let v = f();
+            if h.finish() {
+                let _ = tx.send(v);
+            }
+        })?;
+        // a closed channel: the job was dropped unrun (the queue is shutting down)
+        ticket.wait(rx).await?.map_err(|_| KeyError::Busy(self.wait_ms()))
+    }
+
+    /// Queues `f` to run on a signing thread and returns at once; `f` hands its result on
+    /// itself, after [`Handoff::finish`]. The caller waits with the [`Ticket`]. Refused
+    /// ([`KeyError::Busy`]) when the queue could not run it within the wait.
+    pub fn submit(&self, f: impl FnOnce(&Handoff) + Send + 'static) -> Result<Ticket, KeyError> {
+        let wait_ms = self.wait_ms();
         // queued jobs, one running on each thread, and this one; against 90% of the wait,
         // so that an admitted job is not refused by its own deadline on a jittery machine
         let ahead = self.tx.len() as u64 + self.threads + 1;
@@ -91,20 +183,21 @@ impl SignQueue {
         // An empty queue always admits: the average must keep learning after a stall.
         if !self.tx.is_empty() && expected > self.wait.mul_f32(0.9) {
             metrics::counter!("keygate_backend_shed_total").increment(1);
-            return Err(busy());
+            return Err(KeyError::Busy(wait_ms));
         }
-        let (tx, rx) = tokio::sync::oneshot::channel();
+        let state = Arc::new(AtomicU8::new(QUEUED));
+        let deadline = Instant::now() + self.wait;
         let job = Job {
-            deadline: Instant::now() + self.wait,
-            run: Box::new(move || {
-                let _ = tx.send(f());
-            }),
+            deadline,
+            state: state.clone(),
+            run: Box::new(f),
         };
-        self.tx.try_send(job).map_err(|_| busy())?;
-        match tokio::time::timeout(self.wait, rx).await {
-            Ok(Ok(v)) => Ok(v),
-            _ => Err(busy()),
-        }
+        self.tx.try_send(job).map_err(|_| KeyError::Busy(wait_ms))?;
+        Ok(Ticket {
+            state,
+            deadline,
+            wait_ms,
+        })
     }
 }
 
@@ -133,6 +226,43 @@ mod tests {
             "a job past its deadline ran"
         );
         assert_eq!(q.run(|| 7).await.unwrap(), 7, "the queue works again");
+    }
+
+    #[tokio::test]
+    async fn a_job_handing_on_keeps_its_caller_past_the_wait_once_finished() {
+        let q = SignQueue::start(1, Duration::from_millis(100)).unwrap();
+        // finished at once, hands on after 300 ms (a slow store): the caller gets the answer
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let ticket = q
+            .submit(move |h: &Handoff| {
+                assert!(h.finish());
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(300));
+                    tx.send(5).unwrap();
+                });
+            })
+            .unwrap();
+        assert_eq!(ticket.wait(rx).await.unwrap(), Ok(5));
+        // still in the device at the wait: the caller hears Busy, the job may not hand on
+        let finished = Arc::new(std::sync::Mutex::new(None));
+        let f2 = finished.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let ticket = q
+            .submit(move |h: &Handoff| {
+                std::thread::sleep(Duration::from_millis(300));
+                *f2.lock().unwrap() = Some(h.finish());
+                drop(tx);
+            })
+            .unwrap();
+        let started = Instant::now();
+        assert!(matches!(ticket.wait(rx).await, Err(KeyError::Busy(100))));
+        assert!(started.elapsed() < Duration::from_millis(250));
+        std::thread::sleep(Duration::from_millis(350));
+        assert_eq!(
+            *finished.lock().unwrap(),
+            Some(false),
+            "a job given up on handed on"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread")]

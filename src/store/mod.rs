@@ -152,6 +152,28 @@ pub struct Store {
 
 use writer::Job;
 
+/// What a write answers: rows affected per op.
+pub type WriteResult = Result<Vec<u64>, StoreError>;
+
+/// Queues writes from any thread, without waiting ([`Store::write_queue`]).
+#[derive(Clone)]
+pub struct WriteQueue(mpsc::Sender<Job>);
+
+impl WriteQueue {
+    /// Queues `ops` with `audit`; the outcome comes on `reply` (await it with
+    /// [`Store::answer`]). A full queue (4096 writes waiting) answers
+    /// [`StoreError::Unavailable`] at once rather than block the calling thread.
+    pub fn submit(&self, ops: Vec<WriteOp>, audit: AuditRecord, reply: oneshot::Sender<WriteResult>) {
+        if let Err(e) = self.0.try_send(Job { ops, audit, reply }) {
+            let (why, job) = match e {
+                mpsc::error::TrySendError::Full(j) => ("the store's write queue is full", j),
+                mpsc::error::TrySendError::Closed(j) => ("writer stopped", j),
+            };
+            let _ = job.reply.send(Err(StoreError::Unavailable(why.into())));
+        }
+    }
+}
+
 impl Store {
     /// Opens the store (creating a SQLite file if needed; never creating a PostgreSQL
     /// database), applies the migrations, starts the writer and, on PostgreSQL, the change
@@ -213,7 +235,7 @@ impl Store {
     /// Applies `ops` and appends `audit` to the log, atomically: either all of it is
     /// committed or none. Returns rows affected per op.
     pub async fn write(&self, ops: Vec<WriteOp>, audit: AuditRecord) -> Result<Vec<u64>, StoreError> {
-        let answer = async {
+        self.bounded(async {
             let (reply, rx) = oneshot::channel();
             self.jobs
                 .send(Job { ops, audit, reply })
@@ -221,12 +243,32 @@ impl Store {
                 .map_err(|_| StoreError::Unavailable("writer stopped".into()))?;
             rx.await
                 .map_err(|_| StoreError::Unavailable("writer stopped".into()))?
-        };
+        })
+        .await
+    }
+
+    /// A handle that queues writes from any thread without waiting (a signing thread
+    /// hands its token straight to the writer).
+    pub fn write_queue(&self) -> WriteQueue {
+        WriteQueue(self.jobs.clone())
+    }
+
+    /// The answer to a write queued with [`WriteQueue::submit`], within the bound of
+    /// [`Store::write`]. A reply dropped unanswered is [`StoreError::Unavailable`].
+    pub async fn answer(&self, rx: oneshot::Receiver<WriteResult>) -> WriteResult {
+        self.bounded(async {
+            rx.await
+                .map_err(|_| StoreError::Unavailable("the write was not queued".into()))?
+        })
+        .await
+    }
+
+    /// PostgreSQL: a caller is answered within a bound even when the database stopped
+    /// answering; the write may still commit later (ADR 0011, "Faults").
+    async fn bounded(&self, answer: impl std::future::Future<Output = WriteResult>) -> WriteResult {
         if self.pg.is_none() {
             return answer.await;
         }
-        // PostgreSQL: a caller is answered within a bound even when the database stopped
-        // answering; the write may still commit later (ADR 0011, "Faults").
         tokio::time::timeout(postgres::WRITE_WAIT, answer)
             .await
             .unwrap_or_else(|_| {
