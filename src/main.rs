@@ -44,7 +44,12 @@ fn main() -> ExitCode {
         unsafe { std::env::set_var("TSS2_LOG", "all+none") };
     }
     init_tracing(&cli.command);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if matches!(cli.command, Command::Serve) && std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        builder.worker_threads(config.http.worker_threads(cores));
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("keygate: error: cannot start the runtime: {e}");

@@ -45,6 +45,24 @@ pub struct HttpConfig {
     /// Requests a source may send at once before its rate applies.
     #[serde(default = "default_per_source_burst")]
     pub per_source_burst: u32,
+    /// Threads that run HTTP and the request tasks. 0: half the cores (at least one), since
+    /// signing and the store's writer have threads of their own, which with a device on this
+    /// machine (SoftHSM2, a TPM) and SQLite keep the other cores busy; one thread per core
+    /// here only adds switching between them (docs/benchmarks.md). Raise it for TLS
+    /// handshake bursts or a network HSM. `TOKIO_WORKER_THREADS` overrides it.
+    #[serde(default)]
+    pub workers: usize,
+}
+
+impl HttpConfig {
+    /// The HTTP worker threads to start (`workers`, or half of `cores` when 0).
+    pub fn worker_threads(&self, cores: usize) -> usize {
+        if self.workers > 0 {
+            self.workers
+        } else {
+            (cores / 2).max(1)
+        }
+    }
 }
 
 fn default_per_source() -> u32 {
@@ -71,6 +89,7 @@ impl Default for HttpConfig {
             max_connections: 0,
             per_source_per_second: default_per_source(),
             per_source_burst: default_per_source_burst(),
+            workers: 0,
         }
     }
 }

@@ -145,3 +145,11 @@ fn reference_configs_parse() {
     }
     assert!(n >= 5, "expected the reference configs, found {n}");
 }
+
+#[test]
+fn http_workers_default_to_half_the_cores() {
+    let auto = Config::parse("").unwrap().http;
+    assert_eq!([1, 2, 3, 8].map(|cores| auto.worker_threads(cores)), [1, 1, 1, 4]);
+    let set = Config::parse("[http]\nworkers = 3").unwrap().http;
+    assert_eq!(set.worker_threads(2), 3);
+}
