@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::keys::SecretSource;
-use crate::keys::pkcs11::{Pkcs11Config, default_acquire_ms, default_sessions};
+use crate::keys::pkcs11::{Pkcs11Config, default_acquire_ms};
 use crate::keys::tpm::TpmConfig;
 pub use sections::*;
 
@@ -453,10 +453,11 @@ impl Config {
             token_label: Some(EMBEDDED_TOKEN_LABEL.into()),
             token_serial: None,
             pin: SecretSource::File(self.data_dir.join("user.pin")),
-            // SoftHSM2 signs on the caller's CPU: more sessions than cores only adds thread
-            // switches (docs/benchmarks.md).
-            sessions: default_sessions()
-                .min(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
+            // One session: SoftHSM2 signs on keygate's own CPU, and a second session on the
+            // same token gained no throughput here while each signature cost more CPU (its
+            // sessions lock the token file and SoftHSM2's mutexes against each other;
+            // docs/benchmarks.md). A real device sets its own `sessions`.
+            sessions: 1,
             acquire_timeout_ms: default_acquire_ms(),
         })
     }
