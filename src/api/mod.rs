@@ -202,16 +202,15 @@ pub fn router(state: AppState) -> Router {
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(|req: &Request| {
-                    let route = req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_owned());
+                    let route = req.extensions().get::<MatchedPath>().map(MatchedPath::as_str);
                     let id = req
                         .extensions()
                         .get::<RequestId>()
                         .and_then(|r| r.header_value().to_str().ok())
-                        .unwrap_or("-")
-                        .to_owned();
+                        .unwrap_or("-");
                     // The path is logged as sent (percent-encoded, so one line); the log writer
                     // cuts any API-token secret pasted into it (cli::logging).
-                    tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), route = route.as_deref().unwrap_or("unmatched"), request_id = %id, status = tracing::field::Empty)
+                    tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), route = route.unwrap_or("unmatched"), request_id = %id, status = tracing::field::Empty)
                 })
                 .on_request(())
                 .on_response(|res: &Response, latency: Duration, span: &Span| {
