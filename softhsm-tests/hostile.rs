@@ -433,7 +433,9 @@ async fn a_burst_gets_tokens_or_refusals_with_retry_after() {
     let t = issue(&base, &env.admin, json!({"subject": "after", "audience": "a"})).await;
     assert!(t["token"].is_string());
     eprintln!("burst of 400 x 5: {by_status:?}");
-    drop(svc); // stops the service: nothing is still being written
+    drop(svc);
+    // Nothing of the burst is still being written: "after" was answered last, and its
+    // signature and write queued behind every earlier one (one session, one writer).
     let answered = by_status[&201] + 1;
     assert_eq!(
         newest(&env, recorded).await - tokens_before,

@@ -186,7 +186,7 @@ async fn a_signature_made_after_its_wait_is_thrown_away() {
 
     let tpm = Swtpm::start();
     let env = Env::on_tpm(&tpm.tcti()).await; // timeout_ms = 2000
-    let (base, svc) = env.serve().await;
+    let (base, _svc) = env.serve().await;
     let request = json!({"subject": "n", "audience": "fleet"});
     crate::common::issue(&base, &env.admin, request.clone()).await;
     let count = |sql: &'static str| {
@@ -220,7 +220,6 @@ async fn a_signature_made_after_its_wait_is_thrown_away() {
     // the TPM finishes the stalled signature now; the next request queues behind it
     let out = crate::common::issue(&base, &env.admin, request).await;
     assert!(out["token"].is_string());
-    drop(svc);
     assert_eq!(
         (count(recorded).await, count(audited).await),
         (before.0 + 1, before.1 + 1),

@@ -167,16 +167,19 @@ impl Authority {
             }
             match sig {
                 Ok(sig) => {
-                    let _ = signed.send(Ok(token::jws::assemble(&input, &sig)));
+                    let _ = signed.send(Ok(Zeroizing::new(token::jws::assemble(&input, &sig))));
                     writes.submit(vec![WriteOp::InsertIssued(row)], audit, reply);
                 }
                 // `reply` is dropped unanswered: the caller reads why here
                 Err(e) => drop(signed.send(Err(e))),
             }
         })?;
-        let written = ticket.wait(self.store.answer(written)).await?;
+        // The store's bound (PostgreSQL) counts from here, so it is given the device wait on
+        // top: a job not finished by then is given up by the ticket first, never by the store.
+        let answer = self.store.answer(written, self.sign_queue.wait());
+        let written = ticket.wait(answer).await?;
         let token = match token.try_recv() {
-            Ok(Ok(t)) => Zeroizing::new(t),
+            Ok(Ok(t)) => t,
             Ok(Err(e)) => return Err(e.into()),
             // dropped unrun: its deadline passed in the queue
             Err(_) => return Err(crate::keys::KeyError::Busy(self.sign_queue.wait_ms()).into()),

@@ -367,7 +367,6 @@ pub fn now() -> i64 {
     crate::token::verify::now()
 }
 
-/// `n` random bytes from the OS CSPRNG.
 /// Signs a JWS signing input with `signer`; the device call alone is timed into
 /// `keygate_backend_sign_duration_seconds`. Runs on a signing thread.
 pub(crate) fn timed_sign(signer: &crate::keys::HardwareSigner, input: &str) -> Result<[u8; 64], KeyError> {
@@ -387,6 +386,7 @@ pub(crate) fn signing_input(kid: &str, claims: &crate::token::Claims) -> Result<
     .map_err(|e| AuthorityError::Internal(e.to_string()))
 }
 
+/// `n` random bytes from the OS CSPRNG.
 pub(crate) fn random_bytes<const N: usize>() -> Result<[u8; N], AuthorityError> {
     let mut b = [0u8; N];
     getrandom::fill(&mut b).map_err(|e| AuthorityError::Internal(format!("OS random source: {e}")))?;

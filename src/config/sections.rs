@@ -45,11 +45,12 @@ pub struct HttpConfig {
     /// Requests a source may send at once before its rate applies.
     #[serde(default = "default_per_source_burst")]
     pub per_source_burst: u32,
-    /// Threads that run HTTP and the request tasks. 0: half the cores (at least one), since
-    /// signing and the store's writer have threads of their own, which with a device on this
-    /// machine (SoftHSM2, a TPM) and SQLite keep the other cores busy; one thread per core
-    /// here only adds switching between them (docs/benchmarks.md). Raise it for TLS
-    /// handshake bursts or a network HSM. `TOKIO_WORKER_THREADS` overrides it.
+    /// Threads that run HTTP and the request tasks (and, on PostgreSQL, the store's writer).
+    /// 0: half the cores (at least one), since signing has threads of their own, and so has
+    /// SQLite's writer: with a device on this machine (SoftHSM2, a TPM) and SQLite they keep
+    /// the other cores busy, and one thread per core only adds switching between them
+    /// (docs/benchmarks.md). Raise it for TLS handshake bursts, a network HSM or
+    /// PostgreSQL. `TOKIO_WORKER_THREADS` overrides it.
     #[serde(default)]
     pub workers: usize,
 }

@@ -68,24 +68,35 @@ pub struct Ticket {
 impl Ticket {
     /// Waits for `answer`: to its end once the job has [`Handoff::finish`]ed, else at most
     /// until the wait passes, and then the job is given up ([`KeyError::Busy`]; a job not
-    /// yet run never runs, a running one hands nothing on).
+    /// yet run never runs, a running one hands nothing on). A ticket dropped before (its
+    /// request cancelled: the client left, or the request timed out) gives the job up too.
     pub async fn wait<T>(self, answer: impl Future<Output = T>) -> Result<T, KeyError> {
         let mut answer = std::pin::pin!(answer);
         match tokio::time::timeout_at(self.deadline.into(), &mut answer).await {
             Ok(v) => Ok(v),
             Err(_) => {
-                let gave_up = [QUEUED, RUNNING].into_iter().any(|from| {
-                    self.state
-                        .compare_exchange(from, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
-                        .is_ok()
-                });
-                if gave_up {
+                if self.abandon() {
                     Err(KeyError::Busy(self.wait_ms))
                 } else {
                     Ok(answer.await)
                 }
             }
         }
+    }
+
+    /// Gives the job up unless it has finished; true when it was given up now.
+    fn abandon(&self) -> bool {
+        [QUEUED, RUNNING].into_iter().any(|from| {
+            self.state
+                .compare_exchange(from, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        })
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.abandon();
     }
 }
 
@@ -147,6 +158,11 @@ impl SignQueue {
             threads: threads.max(1) as u64,
             job_ns,
         })
+    }
+
+    /// How long a caller waits for its job.
+    pub fn wait(&self) -> Duration {
+        self.wait
     }
 
     /// How long a caller waits for its job, in milliseconds.
@@ -263,6 +279,25 @@ mod tests {
             Some(false),
             "a job given up on handed on"
         );
+        // a ticket dropped (its request cancelled) gives up its queued job: it never runs
+        let (slow, ran) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let s2 = slow.clone();
+        let blocker = q
+            .submit(move |_: &Handoff| {
+                std::thread::sleep(Duration::from_millis(50));
+                s2.fetch_add(1, Ordering::SeqCst);
+            })
+            .unwrap();
+        let r2 = ran.clone();
+        drop(
+            q.submit(move |_: &Handoff| {
+                r2.fetch_add(1, Ordering::SeqCst);
+            })
+            .unwrap(),
+        );
+        std::thread::sleep(Duration::from_millis(150));
+        assert_eq!((slow.load(Ordering::SeqCst), ran.load(Ordering::SeqCst)), (1, 0));
+        drop(blocker);
     }
 
     #[tokio::test(flavor = "multi_thread")]

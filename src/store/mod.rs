@@ -19,6 +19,7 @@ mod url;
 mod writer;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use secrecy::SecretString;
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -235,7 +236,7 @@ impl Store {
     /// Applies `ops` and appends `audit` to the log, atomically: either all of it is
     /// committed or none. Returns rows affected per op.
     pub async fn write(&self, ops: Vec<WriteOp>, audit: AuditRecord) -> Result<Vec<u64>, StoreError> {
-        self.bounded(async {
+        self.bounded(Duration::ZERO, async {
             let (reply, rx) = oneshot::channel();
             self.jobs
                 .send(Job { ops, audit, reply })
@@ -254,22 +255,27 @@ impl Store {
     }
 
     /// The answer to a write queued with [`WriteQueue::submit`], within the bound of
-    /// [`Store::write`]. A reply dropped unanswered is [`StoreError::Unavailable`].
-    pub async fn answer(&self, rx: oneshot::Receiver<WriteResult>) -> WriteResult {
-        self.bounded(async {
+    /// [`Store::write`] plus `before` (how long the write may take to be queued). A reply
+    /// dropped unanswered is [`StoreError::Unavailable`].
+    pub async fn answer(&self, rx: oneshot::Receiver<WriteResult>, before: Duration) -> WriteResult {
+        self.bounded(before, async {
             rx.await
                 .map_err(|_| StoreError::Unavailable("the write was not queued".into()))?
         })
         .await
     }
 
-    /// PostgreSQL: a caller is answered within a bound even when the database stopped
-    /// answering; the write may still commit later (ADR 0011, "Faults").
-    async fn bounded(&self, answer: impl std::future::Future<Output = WriteResult>) -> WriteResult {
+    /// PostgreSQL: a caller is answered within a bound (plus `before`) even when the
+    /// database stopped answering; the write may still commit later (ADR 0011, "Faults").
+    async fn bounded(
+        &self,
+        before: Duration,
+        answer: impl std::future::Future<Output = WriteResult>,
+    ) -> WriteResult {
         if self.pg.is_none() {
             return answer.await;
         }
-        tokio::time::timeout(postgres::WRITE_WAIT, answer)
+        tokio::time::timeout(postgres::WRITE_WAIT + before, answer)
             .await
             .unwrap_or_else(|_| {
                 Err(StoreError::Unavailable(
