@@ -251,15 +251,11 @@ impl Authority {
     ) -> Result<(Issued, IssuedToken), AuthorityError> {
         let ring = self.key_ring();
         let (claims, row) = self.claims_for(req, ttl, issued_by, &ring.active.kid)?;
-        let input = signing_input(&ring.active.kid, &claims)?;
-        let signer = ring.active.signer.clone();
-        let (input, sig) = self
-            .sign_blocking(move || {
-                let sig = timed_sign(&signer, &input);
-                (input, sig)
-            })
-            .await?;
-        let token = Zeroizing::new(token::jws::assemble(&input, &sig?));
+        let payload = serde_json::to_vec(&claims).map_err(|e| AuthorityError::Internal(e.to_string()))?;
+        let token = Zeroizing::new(
+            self.sign_compact(&ring.active, token::TYP_PROVISIONING, &payload)
+                .await?,
+        );
         let issued = Issued {
             token,
             jti: claims.jti,
