@@ -78,6 +78,12 @@ impl SqliteWriter {
             let (sql, args) = writer::bulk_statement(jobs, &links, false);
             // Prepared statements are cached per batch size (sqlx keeps the last 100); under
             // load the sizes repeat, so most batches skip parsing the SQL.
+            // The inserts are `OR ROLLBACK`: a conflict undoes the whole transaction (and the
+            // careful path writes the batch again), so SQLite keeps no statement journal for
+            // them (a copy of each page a statement changes, to undo that statement alone).
+            // The foreign key on `kid` still needs one; deferring it to COMMIT with
+            // `PRAGMA defer_foreign_keys` would expire every prepared statement, so each
+            // batch would be parsed again.
             let sql = format!("BEGIN IMMEDIATE; {sql}; COMMIT");
             match Exec::Sqlite(&mut self.conn).execute(&sql, &args).await {
                 Ok(_) => {
@@ -95,5 +101,94 @@ impl SqliteWriter {
         let r = writer::commit_each(&mut Exec::Sqlite(&mut self.conn), jobs, "BEGIN IMMEDIATE").await;
         self.head = r.as_ref().ok().map(|b| b.head.clone());
         r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::rows::{IssuedToken, SigningKeyRow};
+    use super::super::{Store, WriteOp};
+    use crate::audit::{AuditRecord, verify_chain};
+
+    fn record(action: &str) -> AuditRecord {
+        AuditRecord {
+            actor: "test".into(),
+            action: action.into(),
+            target: "t".into(),
+            outcome: "success".into(),
+            remote_addr: "local".into(),
+        }
+    }
+
+    fn token(jti: &str) -> WriteOp {
+        token_of(jti, "k1")
+    }
+
+    fn token_of(jti: &str, kid: &str) -> WriteOp {
+        WriteOp::InsertIssued(IssuedToken {
+            jti: jti.into(),
+            kid: kid.into(),
+            sub: "s".into(),
+            aud: "a".into(),
+            scopes: String::new(),
+            iat: 1,
+            nbf: 1,
+            exp: 2,
+            one_time: false,
+            cnf_jkt: None,
+            issued_by: "test".into(),
+        })
+    }
+
+    /// The fast path keeps the chain head in memory. When another process appends meanwhile,
+    /// the batch collides on `seq` and must leave nothing behind (its tokens included) before
+    /// the careful path writes it again; a write that fails on a token fails alone.
+    #[tokio::test]
+    async fn a_stale_head_or_a_bad_row_rolls_the_whole_batch_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("k.db").display());
+        let a = Store::open_url(&url).await.unwrap();
+        let b = Store::open_url(&url).await.unwrap();
+        let key = SigningKeyRow {
+            kid: "k1".into(),
+            uri: "pkcs11:object=k1".into(),
+            backend: "pkcs11".into(),
+            device: "pkcs11".into(),
+            state: "active".into(),
+            jwk: "{}".into(),
+            certificate: String::new(),
+            created_at: 1,
+            activated_at: Some(1),
+            retire_at: None,
+            activate_at: None,
+            destroyed_at: None,
+        };
+        a.write(vec![WriteOp::InsertSigningKey(key)], record("key.create"))
+            .await
+            .unwrap();
+        a.write(vec![token("j1")], record("token.issue")).await.unwrap();
+        // "another process" appends behind a's back: a's head is stale now
+        b.audit(record("other")).await.unwrap();
+        a.write(vec![token("j2")], record("token.issue")).await.unwrap();
+        // a duplicate jti, or a key that is not recorded (the foreign key), fails alone and
+        // leaves no audit entry
+        assert!(a.write(vec![token("j2")], record("token.issue")).await.is_err());
+        assert!(
+            a.write(vec![token_of("j4", "nokey")], record("token.issue"))
+                .await
+                .is_err()
+        );
+        a.write(vec![token("j3")], record("token.issue")).await.unwrap();
+
+        assert_eq!(a.counts().await.unwrap(), (3, 0, 5));
+        let entries = a.audit_entries(0, 100).await.unwrap();
+        let actions: Vec<&str> = entries.iter().map(|e| e.record.action.as_str()).collect();
+        assert_eq!(
+            actions,
+            ["key.create", "token.issue", "other", "token.issue", "token.issue"]
+        );
+        verify_chain(&entries, None).unwrap();
+        a.close().await;
+        b.close().await;
     }
 }

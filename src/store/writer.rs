@@ -289,10 +289,15 @@ pub(super) fn bulk_statement<'a>(
                 "WITH t AS (INSERT INTO issued_tokens ({ISSUED_COLS}) {v}) "
             ));
         } else {
-            sql.push_str(&format!("INSERT INTO issued_tokens ({ISSUED_COLS}) {v}; "));
+            sql.push_str(&format!(
+                "INSERT OR ROLLBACK INTO issued_tokens ({ISSUED_COLS}) {v}; "
+            ));
         }
     }
-    sql.push_str(&format!("INSERT INTO audit_log ({AUDIT_COLS}) {audit_values}"));
+    let or_rollback = if cte { "" } else { " OR ROLLBACK" };
+    sql.push_str(&format!(
+        "INSERT{or_rollback} INTO audit_log ({AUDIT_COLS}) {audit_values}"
+    ));
     (sql, args)
 }
 
