@@ -210,11 +210,10 @@ pub fn router(state: AppState) -> Router {
                         .unwrap_or("-");
                     // The path is logged as sent (percent-encoded, so one line); the log writer
                     // cuts any API-token secret pasted into it (cli::logging).
-                    tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), route = route.unwrap_or("unmatched"), request_id = %id, status = tracing::field::Empty)
+                    tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), route = route.unwrap_or("unmatched"), request_id = %id)
                 })
                 .on_request(())
-                .on_response(|res: &Response, latency: Duration, span: &Span| {
-                    span.record("status", res.status().as_u16());
+                .on_response(|res: &Response, latency: Duration, _: &Span| {
                     tracing::info!(status = res.status().as_u16(), latency_ms = latency.as_secs_f64() * 1e3, "answered");
                 })
                 .on_failure(()),
