@@ -79,11 +79,11 @@ impl SqliteWriter {
             // Prepared statements are cached per batch size (sqlx keeps the last 100); under
             // load the sizes repeat, so most batches skip parsing the SQL.
             // The inserts are `OR ROLLBACK`: a conflict undoes the whole transaction (and the
-            // careful path writes the batch again), so SQLite keeps no statement journal for
-            // them (a copy of each page a statement changes, to undo that statement alone).
-            // The foreign key on `kid` still needs one; deferring it to COMMIT with
-            // `PRAGMA defer_foreign_keys` would expire every prepared statement, so each
-            // batch would be parsed again.
+            // careful path writes the batch again), so the audit insert needs no statement
+            // journal (a copy of each page a statement changes, to undo that statement
+            // alone). The token insert still keeps one for its foreign key on `kid`;
+            // deferring that to COMMIT with `PRAGMA defer_foreign_keys` would expire every
+            // prepared statement, so each batch would be parsed again.
             let sql = format!("BEGIN IMMEDIATE; {sql}; COMMIT");
             match Exec::Sqlite(&mut self.conn).execute(&sql, &args).await {
                 Ok(_) => {
