@@ -12,6 +12,7 @@
 mod certs;
 mod db;
 mod enroll;
+mod issued;
 mod postgres;
 mod rows;
 mod sqlite;

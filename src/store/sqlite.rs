@@ -107,7 +107,7 @@ impl SqliteWriter {
 #[cfg(test)]
 mod tests {
     use super::super::rows::{IssuedToken, SigningKeyRow};
-    use super::super::{Store, WriteOp};
+    use super::super::{Store, StoreError, WriteOp};
     use crate::audit::{AuditRecord, verify_chain};
 
     fn record(action: &str) -> AuditRecord {
@@ -172,11 +172,14 @@ mod tests {
         a.write(vec![token("j2")], record("token.issue")).await.unwrap();
         // a duplicate jti, or a key that is not recorded (the foreign key), fails alone and
         // leaves no audit entry
-        assert!(a.write(vec![token("j2")], record("token.issue")).await.is_err());
+        let dup = a.write(vec![token("j2")], record("token.issue")).await;
+        assert!(matches!(dup, Err(StoreError::Conflict(_))), "{dup:?}");
+        let orphan = a
+            .write(vec![token_of("j4", "nokey")], record("token.issue"))
+            .await;
         assert!(
-            a.write(vec![token_of("j4", "nokey")], record("token.issue"))
-                .await
-                .is_err()
+            matches!(&orphan, Err(StoreError::Unavailable(m)) if m.contains("FOREIGN KEY")),
+            "{orphan:?}"
         );
         a.write(vec![token("j3")], record("token.issue")).await.unwrap();
 

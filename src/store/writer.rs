@@ -257,8 +257,9 @@ fn audit_args<'a>(r: &'a AuditRecord, link: &'a (i64, i64, String, String), args
 
 /// One statement that inserts every issued token of `jobs` and their audit entries at
 /// `links` (from [`chain`]): on PostgreSQL (`cte`) a data-modifying CTE with `$N`
-/// placeholders, on SQLite two statements with `?` (the caller wraps them in its
-/// transaction). Returns the SQL and its arguments.
+/// placeholders, on SQLite two `INSERT OR ROLLBACK` statements with `?`, which must be the
+/// whole of the caller's transaction (never inside a savepoint: a conflict undoes it all).
+/// Returns the SQL and its arguments.
 pub(super) fn bulk_statement<'a>(
     jobs: &'a [Job],
     links: &'a [(i64, i64, String, String)],
@@ -282,21 +283,18 @@ pub(super) fn bulk_statement<'a>(
         audit_args(&job.audit, link, &mut args);
     }
     let mut sql = String::new();
+    let or = if cte { "" } else { " OR ROLLBACK" };
     if !issued.is_empty() {
         let v = values(issued.len(), 11, cte.then_some(0));
-        if cte {
-            sql.push_str(&format!(
-                "WITH t AS (INSERT INTO issued_tokens ({ISSUED_COLS}) {v}) "
-            ));
+        let insert = format!("INSERT{or} INTO issued_tokens ({ISSUED_COLS}) {v}");
+        sql.push_str(&if cte {
+            format!("WITH t AS ({insert}) ")
         } else {
-            sql.push_str(&format!(
-                "INSERT OR ROLLBACK INTO issued_tokens ({ISSUED_COLS}) {v}; "
-            ));
-        }
+            format!("{insert}; ")
+        });
     }
-    let or_rollback = if cte { "" } else { " OR ROLLBACK" };
     sql.push_str(&format!(
-        "INSERT{or_rollback} INTO audit_log ({AUDIT_COLS}) {audit_values}"
+        "INSERT{or} INTO audit_log ({AUDIT_COLS}) {audit_values}"
     ));
     (sql, args)
 }
@@ -431,8 +429,12 @@ async fn apply_op(ex: &mut Exec<'_>, op: &WriteOp) -> Result<(u64, Option<Change
             }
             return Ok((n, Some(Change::ApiTokenDeleted(id.clone()))));
         }
-        WriteOp::Revoke { jti, at, reason } => return revoke(ex, jti, *at, reason.as_deref()).await,
-        WriteOp::Redeem { jti, at, proof } => return Ok((redeem(ex, jti, *at, proof.as_ref()).await?, None)),
+        WriteOp::Revoke { jti, at, reason } => {
+            return super::issued::revoke(ex, jti, *at, reason.as_deref()).await;
+        }
+        WriteOp::Redeem { jti, at, proof } => {
+            return Ok((super::issued::redeem(ex, jti, *at, proof.as_ref()).await?, None));
+        }
         WriteOp::Enroll(op) => return super::enroll::apply(ex, op).await,
         WriteOp::Cert(op) => return super::certs::apply(ex, op).await,
         WriteOp::SetKeyState {
@@ -517,81 +519,6 @@ async fn apply_op(ex: &mut Exec<'_>, op: &WriteOp) -> Result<(u64, Option<Change
     Ok((n, None))
 }
 
-/// [`WriteOp::Revoke`]: marks the token revoked and appends it to the revocation list.
-async fn revoke(
-    ex: &mut Exec<'_>,
-    jti: &str,
-    at: i64,
-    reason: Option<&str>,
-) -> Result<(u64, Option<Change>), StoreError> {
-    let n = ex
-        .execute(
-            "UPDATE issued_tokens SET revoked_at = $1, revoke_reason = $2 WHERE jti = $3 AND revoked_at IS NULL",
-            &[Arg::Int(at), Arg::OptText(reason), Arg::Text(jti)],
-        )
-        .await?;
-    if n == 0 {
-        let known: Option<(i32,)> = ex
-            .fetch_optional("SELECT 1 FROM issued_tokens WHERE jti = $1", &[Arg::Text(jti)])
-            .await?;
-        if known.is_none() {
-            return Err(StoreError::NotFound(format!("token {jti}")));
-        }
-        return Ok((0, None));
-    }
-    let n = ex
-        .execute(
-            "INSERT INTO revocations (jti, exp, revoked_at, reason)
-             SELECT jti, exp, revoked_at, revoke_reason FROM issued_tokens WHERE jti = $1",
-            &[Arg::Text(jti)],
-        )
-        .await?;
-    Ok((n, Some(Change::Revoked)))
-}
-
-/// The conditional redemption of [`WriteOp::Redeem`]; 1 when redeemed.
-async fn redeem(
-    ex: &mut Exec<'_>,
-    jti: &str,
-    at: i64,
-    proof: Option<&(String, i64)>,
-) -> Result<u64, StoreError> {
-    if let Some((id, exp)) = proof {
-        let n = ex
-            .execute(
-                "INSERT INTO dpop_proofs (id, exp) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-                &[Arg::Text(id), Arg::Int(*exp)],
-            )
-            .await?;
-        if n == 0 {
-            return Err(StoreError::Refused(Refusal::DpopReplay));
-        }
-    }
-    // One statement decides: concurrent redemptions serialize on the write lock, and only the
-    // first finds `redeemed_at IS NULL`.
-    let n = ex
-        .execute(
-            "UPDATE issued_tokens SET redeemed_at = coalesce(redeemed_at, $1)
-             WHERE jti = $2 AND revoked_at IS NULL AND (NOT one_time OR redeemed_at IS NULL)",
-            &[Arg::Int(at), Arg::Text(jti)],
-        )
-        .await?;
-    if n == 1 {
-        return Ok(1);
-    }
-    let state: Option<(Option<i64>, Option<i64>)> = ex
-        .fetch_optional(
-            "SELECT revoked_at, redeemed_at FROM issued_tokens WHERE jti = $1",
-            &[Arg::Text(jti)],
-        )
-        .await?;
-    Err(match state {
-        None => StoreError::NotFound(format!("token {jti}")),
-        Some((Some(_), _)) => StoreError::Refused(Refusal::Revoked),
-        Some(_) => StoreError::Refused(Refusal::Redeemed),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -601,5 +528,13 @@ mod tests {
         assert_eq!(values(2, 3, Some(0)), "VALUES ($1,$2,$3),($4,$5,$6)");
         assert_eq!(values(1, 2, Some(6)), "VALUES ($7,$8)");
         assert_eq!(values(2, 2, None), "VALUES (?,?),(?,?)");
+        // PostgreSQL has no OR ROLLBACK; its CTE is one statement, undone whole anyway
+        let (sql, _) = bulk_statement(&[], &[], true);
+        assert!(!sql.contains("OR ROLLBACK"), "{sql}");
+        assert!(
+            bulk_statement(&[], &[], false)
+                .0
+                .starts_with("INSERT OR ROLLBACK")
+        );
     }
 }

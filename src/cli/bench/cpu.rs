@@ -64,7 +64,8 @@ fn signing_cpu(pid: u32) -> anyhow::Result<Duration> {
         let dir = task?.path();
         let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
         if comm.starts_with("keygate-sign") {
-            let stat = std::fs::read_to_string(dir.join("schedstat"))?;
+            // A thread that ended since the listing counts as 0.
+            let stat = std::fs::read_to_string(dir.join("schedstat")).unwrap_or_default();
             ns += stat
                 .split_whitespace()
                 .next()
@@ -123,15 +124,16 @@ pub(super) async fn server_cpu(
     // The load runs on one thread of its own (as `wrk -t1` would): spread over this
     // runtime's workers, the clients' threads woke each other on the cores the server was
     // measured on, and each wake-up could preempt a server thread.
-    let load = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
     let (before, signing) = (process_cpu(pid)?, signing_cpu(pid)?);
     let issued = tokio::task::spawn_blocking(move || {
-        load.block_on(drive(addr, Requests::Same(request), 201, clients, secs))
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(drive(addr, Requests::Same(request), 201, clients, secs))
     })
     .await??;
-    let (used, signed) = (process_cpu(pid)? - before, signing_cpu(pid)? - signing);
+    let used = process_cpu(pid)?.saturating_sub(before);
+    let signed = signing_cpu(pid)?.saturating_sub(signing);
     drop(server);
     let per_token = |d: Duration| d.as_secs_f64() * 1e6 / issued.count.max(1) as f64;
     Ok(ServerCpu {
