@@ -294,18 +294,23 @@ impl Env {
 
     /// Serves the service on a real loopback socket in this process; returns the base URL.
     pub async fn serve(&self) -> (String, Service) {
+        let (base, svc, _) = self.serve_until(std::future::pending()).await;
+        (base, svc)
+    }
+
+    /// [`Env::serve`] until `shutdown` completes; the handle ends when the server has.
+    pub async fn serve_until(
+        &self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> (String, Service, tokio::task::JoinHandle<()>) {
         let svc = self.service().await;
         let listener = tokio::net::TcpListener::bind(self.config.listen).await.unwrap();
         let router = svc.router.clone();
         let limits = keygate::api::server::Limits::from_config(&self.config.http);
-        tokio::spawn(keygate::api::server::serve(
-            listener,
-            router,
-            limits,
-            None,
-            std::future::pending(),
+        let server = tokio::spawn(keygate::api::server::serve(
+            listener, router, limits, None, shutdown,
         ));
-        (self.base_url(), svc)
+        (self.base_url(), svc, server)
     }
 
     /// The store of this env, opened afresh (SQLite file or PostgreSQL database).
