@@ -344,8 +344,9 @@ async fn measure(
             ),
         );
         // The same ratio against the signature as the server's own signing thread paid for
-        // it in the same seconds: on a shared VM, CPU time per instruction rises when both
-        // cores are busy, which the raw run (one busy core, earlier) does not see.
+        // it in the same seconds: the raw run comes tens of seconds earlier on VMs that
+        // drift by more than that, and alone, without the other threads' interrupts and
+        // cache traffic on its core (docs/benchmarks.md).
         t.row(
             "  of which the signing thread (the signature inside the server)",
             format!("{:.1} us", cpu(&|x| x.sign_us)),
