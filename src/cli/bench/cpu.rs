@@ -6,7 +6,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::load::{Issuance, Requests, drive, issue_request, warm_up};
+use super::load::{Issuance, Requests, drive, issue_request, schedstat, warm_up};
 use crate::config::Config;
 
 /// What one measurement gave.
@@ -42,7 +42,7 @@ impl Drop for Server {
 }
 
 /// utime + stime of process `pid`, all its threads (live and exited), from the kernel.
-fn process_cpu(pid: u32) -> anyhow::Result<Duration> {
+pub(super) fn process_cpu(pid: u32) -> anyhow::Result<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the command name (which may hold spaces) start after the last ')'.
     let rest = stat
@@ -59,21 +59,16 @@ fn process_cpu(pid: u32) -> anyhow::Result<Duration> {
 /// CPU time of the threads of `pid` named `keygate-sign-*`, from the scheduler's own
 /// account (ns resolution).
 fn signing_cpu(pid: u32) -> anyhow::Result<Duration> {
-    let mut ns = 0u64;
+    let mut cpu = Duration::ZERO;
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
         let dir = task?.path();
         let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
         if comm.starts_with("keygate-sign") {
             // A thread that ended since the listing counts as 0.
-            let stat = std::fs::read_to_string(dir.join("schedstat")).unwrap_or_default();
-            ns += stat
-                .split_whitespace()
-                .next()
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0);
+            cpu += schedstat(dir.join("schedstat"));
         }
     }
-    Ok(Duration::from_nanos(ns))
+    Ok(cpu)
 }
 
 /// Runs `keygate serve` on `config` (written to a file in the data folder) and measures it

@@ -18,29 +18,6 @@ use crate::authority::Principal;
 use crate::cli::enroll_tpm::{EkKind, Tpm};
 use crate::config::{Config, EnrollMode};
 
-/// Linux reports process CPU time in USER_HZ ticks, 100 per second on every ABI keygate
-/// builds for.
-const TICKS_PER_SECOND: f64 = 100.0;
-
-/// User plus system CPU seconds of process `pid` so far.
-fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
-    let stat =
-        std::fs::read_to_string(format!("/proc/{pid}/stat")).context("reading the server's CPU time")?;
-    // Fields after the command name (which may hold spaces) in parentheses.
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .ok_or_else(|| anyhow!("unexpected /proc/{pid}/stat"))?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of stat; 12 and 13 after the name.
-    let tick = |i: usize| -> anyhow::Result<f64> {
-        Ok(f.get(i)
-            .ok_or_else(|| anyhow!("short /proc/{pid}/stat"))?
-            .parse::<f64>()?)
-    };
-    Ok((tick(11)? + tick(12)?) / TICKS_PER_SECOND)
-}
-
 struct Server(Child);
 
 impl Drop for Server {
@@ -138,7 +115,7 @@ async fn enrollment(
         }
         let mut out = Vec::new();
         for _ in 0..runs {
-            let cpu0 = cpu_seconds(server.0.id())?;
+            let cpu0 = super::cpu::process_cpu(server.0.id())?;
             let started = Instant::now();
             let (mut n, mut in_tpm) = (0u32, Duration::ZERO);
             let mut lat = Vec::new();
@@ -149,7 +126,9 @@ async fn enrollment(
                 n += 1;
             }
             let wall = started.elapsed().as_secs_f64();
-            let cpu = cpu_seconds(server.0.id())? - cpu0;
+            let cpu = super::cpu::process_cpu(server.0.id())?
+                .saturating_sub(cpu0)
+                .as_secs_f64();
             lat.sort_by(f64::total_cmp);
             out.push(EnrollRun {
                 rate: n as f64 / wall,

@@ -28,7 +28,13 @@ fn digest(msg: &[u8]) -> [u8; 32] {
 
 /// CPU time this thread has used, from the scheduler's own account (ns resolution).
 pub(super) fn thread_cpu() -> Duration {
-    std::fs::read_to_string("/proc/thread-self/schedstat")
+    schedstat("/proc/thread-self/schedstat")
+}
+
+/// The CPU time in a `schedstat` file of /proc (a thread's; zero when it cannot be read,
+/// as for a thread that has ended).
+pub(super) fn schedstat(path: impl AsRef<std::path::Path>) -> Duration {
+    std::fs::read_to_string(path)
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
         .map(Duration::from_nanos)
