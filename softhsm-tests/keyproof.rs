@@ -419,21 +419,14 @@ async fn an_ek_certificate_file_is_shown_instead_of_nv() {
         certs.join("ek-secp384r1.crt").display()
     );
     let env = Env::on_tpm_section(&tpm.tcti(), &wrong).await;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let (base, svc, server) = env
-        .serve_until(async {
-            let _ = stopped.await;
-        })
-        .await;
+    let (base, served) = env.serve_stoppable().await;
     let (ok, out, _) = prove(&env, &base, &["--tpm-ca", bundle]);
     assert!(
         !ok && out.contains("FAILED at step ek-certificate: ek_pub does not match"),
         "{out}"
     );
     // One service on the swtpm at a time (see the endorsement-password test).
-    stop.send(()).unwrap();
-    server.await.unwrap();
-    drop(svc);
+    served.stop().await;
     // The right file, as PEM: proven.
     let pem = env.dir.path().join("ek.pem");
     crate::common::openssl(
@@ -469,12 +462,7 @@ async fn an_endorsement_password_is_used_when_configured_and_never_stops_the_ser
     // Not configured: init and serving work (the key is published unproven, with a
     // warning); a proof cannot be made.
     let env = Env::on_tpm(&tpm.tcti()).await;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let (base, svc, server) = env
-        .serve_until(async {
-            let _ = stopped.await;
-        })
-        .await;
+    let (base, served) = env.serve_stoppable().await;
     crate::common::issue(&base, &env.admin, json!({"subject": "n", "audience": "fleet"})).await;
     let (ok, out, _) = prove(&env, &base, &["--tpm-ca", bundle]);
     assert!(!ok && out.contains("FAILED at step evidence"), "{out}");
@@ -482,9 +470,7 @@ async fn an_endorsement_password_is_used_when_configured_and_never_stops_the_ser
     // connection and drops it for a newer one, so a service left running would reconnect
     // at its next TPM command and cut the second service off in the middle of its proof
     // (seen once in a full run: "Connection reset by peer", then 503 at step credential).
-    stop.send(()).unwrap();
-    server.await.unwrap();
-    drop(svc);
+    served.stop().await;
     // Configured: proven.
     let pw = tpm.state.path().join("endorsement.auth");
     std::fs::write(&pw, "endorse-me").unwrap();

@@ -298,8 +298,18 @@ impl Env {
         (base, svc)
     }
 
-    /// [`Env::serve`] until `shutdown` completes; the handle ends when the server has.
-    pub async fn serve_until(
+    /// [`Env::serve`], until [`Served::stop`].
+    pub async fn serve_stoppable(&self) -> (String, Served) {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (base, svc, server) = self
+            .serve_until(async {
+                let _ = stopped.await;
+            })
+            .await;
+        (base, Served { svc, stop, server })
+    }
+
+    async fn serve_until(
         &self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> (String, Service, tokio::task::JoinHandle<()>) {
@@ -402,6 +412,22 @@ pub fn free_ports(n: u16) -> u16 {
         if (0..n).all(|i| std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok()) {
             return p;
         }
+    }
+}
+
+/// A service served in this process by [`Env::serve_stoppable`].
+pub struct Served {
+    svc: Service,
+    stop: tokio::sync::oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Served {
+    /// Stops serving and drops the service, so that it lets go of its device.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        self.server.await.unwrap();
+        drop(self.svc);
     }
 }
 
