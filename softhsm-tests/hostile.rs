@@ -429,9 +429,32 @@ async fn a_burst_gets_tokens_or_refusals_with_retry_after() {
         by_status.get(&503).copied().unwrap_or(0) > 0,
         "nothing was shed: {by_status:?}"
     );
-    // and it serves normally afterwards
-    let t = issue(&base, &env.admin, json!({"subject": "after", "audience": "a"})).await;
-    assert!(t["token"].is_string());
+    // and it serves normally afterwards. With a device wait of 1 ms, one request can still be
+    // shed on a loaded machine (a signature that takes longer than the wait; seen once in a
+    // full run): a client retries after the 503 it is given, so this one does, a few times.
+    // A shed attempt leaves no row (its job is given up), so the counts below stay exact.
+    let mut t = None;
+    for _ in 0..10 {
+        let r = http
+            .post(format!("{base}/v1/tokens"))
+            .bearer_auth(&env.admin)
+            .json(&json!({"subject": "after", "audience": "a"}))
+            .send()
+            .await
+            .unwrap();
+        match r.status().as_u16() {
+            201 => {
+                t = Some(r.json::<serde_json::Value>().await.unwrap());
+                break;
+            }
+            503 => {
+                assert_eq!(r.headers()["retry-after"], "1");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            s => panic!("after the burst: {s} {}", r.text().await.unwrap()),
+        }
+    }
+    assert!(t.expect("no 201 after the burst in 10 tries")["token"].is_string());
     eprintln!("burst of 400 x 5: {by_status:?}");
     drop(svc);
     // Nothing of the burst is still being written: "after" was answered last, and its
