@@ -65,6 +65,19 @@ struct Run {
     pg: Option<(Issuance, lifecycle::Redemption)>,
     /// Server CPU per issued token, SQLite, N sessions (`keygate serve` as a child).
     cpu: Option<cpu::ServerCpu>,
+    /// CPU of one raw signature (1 session), measured right before and right after the
+    /// server-CPU run: what its ratio is taken against.
+    raw_around: Option<(RawSign, RawSign)>,
+}
+
+impl Run {
+    /// The raw signature's CPU the server's is compared with: the mean of the raw runs right
+    /// before and after it.
+    fn raw_cpu_around(&self) -> f64 {
+        self.raw_around
+            .map(|(b, a)| (b.cpu_us + a.cpu_us) / 2.0)
+            .unwrap_or(self.raw1.cpu_us)
+    }
 }
 
 /// What the bench needs from a first look at the service: the active key and a token.
@@ -195,10 +208,21 @@ async fn measure(
             )),
             None => None,
         };
-        let cpu = if a.no_server_cpu {
-            None
+        // The raw signature is measured again right before and right after the server, so
+        // that the machine's drift between the start of the run and this point (more than
+        // 10% within a minute on the shared VMs here) does not fall between the two figures
+        // compared.
+        let (cpu, raw_around) = if a.no_server_cpu {
+            (None, None)
         } else {
-            Some(cpu::server_cpu(config, &s.api_secret, a.clients, secs).await?)
+            let raw = || {
+                let (cfg, u) = (config.clone(), s.uri.clone());
+                tokio::task::spawn_blocking(move || raw_sign_rate(&cfg, &u, 1, secs))
+            };
+            let before = raw().await??;
+            let server = cpu::server_cpu(config, &s.api_secret, a.clients, secs).await?;
+            let after = raw().await??;
+            (Some(server), Some((before, after)))
         };
         eprintln!(
             "  run {r}: raw 1 {:.0}/s ({:.1} us CPU), issue 1 {:.0}/s, issue {n} {:.0}/s, redeem {:.0}/s{}{}",
@@ -210,7 +234,11 @@ async fn measure(
             pg_run
                 .map(|(i, r)| format!(", PostgreSQL issue {:.0}/s redeem {:.0}/s", i.rate, r.rate))
                 .unwrap_or_default(),
-            cpu.map(|c| format!(", server CPU {:.1} us/token ({:.1} signing)", c.cpu_us, c.sign_us))
+            cpu.zip(raw_around)
+                .map(|(c, (b, a))| format!(
+                    ", server CPU {:.1} us/token ({:.1} signing; raw {:.1} us before it, {:.1} after)",
+                    c.cpu_us, c.sign_us, b.cpu_us, a.cpu_us
+                ))
                 .unwrap_or_default(),
         );
         all.push(Run {
@@ -221,6 +249,7 @@ async fn measure(
             redeem,
             pg: pg_run,
             cpu,
+            raw_around,
         });
     }
     let sse = lifecycle::revocation_to_event(config, 200, false).await?;
@@ -340,13 +369,21 @@ async fn measure(
             format!("{:.1} us ({:.0}/s)", cpu(&|x| x.cpu_us), cpu(&|x| x.issued.rate)),
             format!(
                 "{:.2} x raw signature CPU (target <= 2)",
+                med(&|r| r.cpu.map(|x| x.cpu_us).unwrap_or(0.0) / r.raw_cpu_around())
+            ),
+        );
+        t.row(
+            "  raw signature CPU, 1 session, right before and after it",
+            format!("{:.1} us", med(&|r| r.raw_cpu_around())),
+            format!(
+                "(the raw run at the start of each run: {:.1} us, server CPU = {:.2} x it)",
+                med(&|r| r.raw1.cpu_us),
                 med(&|r| r.cpu.map(|x| x.cpu_us).unwrap_or(0.0) / r.raw1.cpu_us)
             ),
         );
         // The same ratio against the signature as the server's own signing thread paid for
-        // it in the same seconds: the raw run comes tens of seconds earlier on VMs that
-        // drift by more than that, and alone, without the other threads' interrupts and
-        // cache traffic on its core (docs/benchmarks.md).
+        // it in the same seconds: the raw runs are alone, without the other threads'
+        // interrupts and cache traffic on their core (docs/benchmarks.md).
         t.row(
             "  of which the signing thread (the signature inside the server)",
             format!("{:.1} us", cpu(&|x| x.sign_us)),
