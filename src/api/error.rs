@@ -257,7 +257,9 @@ impl From<AuthorityError> for ApiError {
                 ApiError::Unavailable("key backend")
             }
             AuthorityError::Backend(e) => {
-                tracing::error!(error = %e, "key backend failed");
+                if let Some(skipped) = super::throttle::BACKEND_FAILED.admit() {
+                    tracing::error!(error = %e, skipped, "key backend failed");
+                }
                 if e.is_unavailable() {
                     ApiError::Unavailable("key backend")
                 } else {
@@ -268,7 +270,9 @@ impl From<AuthorityError> for ApiError {
             AuthorityError::Store(StoreError::Conflict(d)) => ApiError::Conflict(d),
             AuthorityError::Store(StoreError::NotFound(d)) => ApiError::NotFound(format!("{d} not found")),
             AuthorityError::Store(e) => {
-                tracing::error!(error = %e, "store failed");
+                if let Some(skipped) = super::throttle::STORE_FAILED.admit() {
+                    tracing::error!(error = %e, skipped, "store failed");
+                }
                 ApiError::Unavailable("store")
             }
             AuthorityError::Internal(d) => {
@@ -341,5 +345,53 @@ mod tests {
                 .unwrap()
                 .contains("scope=\"tokens:issue\"")
         );
+    }
+
+    /// While the store is down every request fails the same way: the log gets a line a
+    /// second, not one per request, and every request still gets its 503.
+    #[test]
+    fn an_outage_writes_a_line_a_second_not_one_per_request() {
+        use std::sync::{Arc, Mutex};
+
+        #[derive(Clone, Default)]
+        struct Capture(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Capture {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let log = Capture::default();
+        let writer = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::error!("captured");
+            for _ in 0..100 {
+                assert_eq!(
+                    status_of(AuthorityError::Store(StoreError::Unavailable(
+                        "connection refused".into()
+                    ))),
+                    503
+                );
+                assert_eq!(
+                    status_of(AuthorityError::Backend(KeyError::Pkcs11 {
+                        function: "C_Sign".into(),
+                        rv: "CKR_DEVICE_REMOVED".into(),
+                    })),
+                    503
+                );
+            }
+        });
+        let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+        assert!(text.contains("captured"), "the log is captured: {text}");
+        // (another test may have used this second's line already: at most one each)
+        assert!(text.matches("store failed").count() <= 1, "{text}");
+        assert!(text.matches("key backend failed").count() <= 1, "{text}");
     }
 }

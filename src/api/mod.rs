@@ -13,6 +13,7 @@ mod openapi;
 mod operator;
 mod public;
 pub mod server;
+mod throttle;
 pub mod tls;
 
 use std::sync::{Arc, OnceLock};
