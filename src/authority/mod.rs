@@ -7,6 +7,7 @@ mod enroll;
 mod issue;
 mod keyproof;
 mod keyring;
+mod machines;
 mod redeem;
 mod refusals;
 mod revocations;
