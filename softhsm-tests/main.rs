@@ -23,6 +23,7 @@ mod hsm;
 mod http;
 mod keyproof;
 mod keyproof_wire;
+mod machines;
 mod network;
 mod process;
 mod redeem;
