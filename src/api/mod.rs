@@ -16,6 +16,8 @@ pub mod server;
 mod throttle;
 pub mod tls;
 
+pub use throttle::flush_failure_lines;
+
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 

@@ -1,76 +1,61 @@
-//! Error lines that every request would write while a dependency is down (the store
-//! unreachable or its write queue full, the key device failing) are written at most once a
-//! second, each with how many were left out since the one before. An outage then gives a
-//! readable log instead of one ERROR line per refused request, and a client cannot make the
-//! log grow as fast as it can send. Every refusal is still counted
-//! (`keygate_requests_failed_total`), and the client still gets its problem document.
+//! The ERROR lines that every request would repeat while the store or the key device is
+//! unavailable (the database unreachable, the store's write queue full, the device gone).
+//! Each distinct line (message and error text) is written the first time it occurs in a
+//! window of 10 s; its repeats are counted, and when the window ends one line per repeated
+//! error says how many more there were (`repeated`, over `seconds`). An outage thus writes a
+//! few ERROR lines every 10 s instead of one per refused request (the access log's
+//! `answered` line stays one per request), and the cause of each kind of
+//! failure still reaches the log at once. Errors that answer 500 are not aggregated: each
+//! is logged with its request. Every refusal is counted in `keygate_requests_failed_total`.
+//! The windows are those of `authority::Repeats`, as for aggregated refusals.
 
-use std::num::NonZeroU32;
+use std::fmt::Display;
 use std::sync::LazyLock;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
-use governor::clock::{Clock, DefaultClock};
-use governor::middleware::NoOpMiddleware;
-use governor::state::{InMemoryState, NotKeyed};
-use governor::{Quota, RateLimiter};
+use crate::authority::{Ended, Repeats};
 
-/// One kind of repeated error line: at most one a second (GCRA, governor).
-pub(super) struct Throttle<C: Clock = DefaultClock> {
-    limiter: RateLimiter<NotKeyed, InMemoryState, C, NoOpMiddleware<C::Instant>>,
-    skipped: AtomicU64,
-}
+/// How long the repeats of one error line are counted before their summary line.
+const WINDOW: Duration = Duration::from_secs(10);
 
-impl<C: Clock> Throttle<C> {
-    fn with_clock(clock: C) -> Self {
-        Throttle {
-            limiter: RateLimiter::direct_with_clock(Quota::per_second(NonZeroU32::MIN), clock),
-            skipped: AtomicU64::new(0),
-        }
-    }
+/// (message, error text) of the lines of this window.
+static FAILURES: LazyLock<Repeats<(&'static str, String)>> = LazyLock::new(|| Repeats::new(WINDOW));
 
-    /// `Some(lines left out since the last one)` when a line may be written now; `None`
-    /// (and one more left out) when not.
-    pub(super) fn admit(&self) -> Option<u64> {
-        if self.limiter.check().is_ok() {
-            Some(self.skipped.swap(0, Ordering::Relaxed))
-        } else {
-            self.skipped.fetch_add(1, Ordering::Relaxed);
-            None
-        }
+/// Logs `message` with `error` at ERROR when it is the first such line in the window;
+/// counts it otherwise.
+pub(super) fn failure(message: &'static str, error: &dyn Display) {
+    let text = error.to_string();
+    if FAILURES.admit((message, text.clone())) {
+        tracing::error!(error = %text, "{message}");
     }
 }
 
-/// "store failed" (`error.rs`).
-pub(super) static STORE_FAILED: LazyLock<Throttle> =
-    LazyLock::new(|| Throttle::with_clock(DefaultClock::default()));
-/// "key backend failed" (`error.rs`).
-pub(super) static BACKEND_FAILED: LazyLock<Throttle> =
-    LazyLock::new(|| Throttle::with_clock(DefaultClock::default()));
+/// Writes one line per error line repeated in a window that has ended (with `force`: the
+/// current one, at shutdown). The periodic tasks call this every second.
+pub fn flush_failure_lines(force: bool) {
+    let Some(Ended {
+        repeated,
+        overflow,
+        secs,
+    }) = FAILURES.take(force)
+    else {
+        return;
+    };
+    for ((message, error), n) in repeated {
+        tracing::error!(error = %error, repeated = n, seconds = secs, "{message}");
+    }
+    if overflow > 0 {
+        tracing::error!(
+            repeated = overflow,
+            seconds = secs,
+            "store or key backend failures of other kinds"
+        );
+    }
+}
 
+/// How many repeats of `message` with `error` the current window has counted (None: none
+/// of them logged in it).
 #[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
-    use governor::clock::FakeRelativeClock;
-
-    use super::*;
-
-    #[test]
-    fn one_line_a_second_with_the_count_left_out() {
-        let clock = FakeRelativeClock::default();
-        let t = Throttle::with_clock(clock.clone());
-        assert_eq!(t.admit(), Some(0));
-        for _ in 0..250 {
-            assert_eq!(t.admit(), None);
-        }
-        clock.advance(Duration::from_millis(999));
-        assert_eq!(t.admit(), None);
-        clock.advance(Duration::from_millis(1));
-        assert_eq!(t.admit(), Some(251), "the next line says how many were left out");
-        assert_eq!(t.admit(), None);
-        // after a quiet spell, one line at once again, and no burst of them
-        clock.advance(Duration::from_secs(60));
-        assert_eq!(t.admit(), Some(1));
-        assert_eq!(t.admit(), None);
-    }
+pub(super) fn repeats_of(message: &'static str, error: &str) -> Option<u64> {
+    FAILURES.repeats_of(&(message, error.to_owned()))
 }

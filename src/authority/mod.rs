@@ -22,6 +22,7 @@ pub use issue::{Introspection, IssueRequest, Issued};
 pub use keyproof::{ProofAnswer, ProofChallenge};
 pub use keyring::{ActiveKey, KeyRing, PublishedKey, ensure_active_key};
 pub use redeem::{RedeemRequest, Redeemed};
+pub use refusals::{Ended, Repeats};
 pub use revocations::RevocationEvent;
 pub use rotation::RotateOutcome;
 

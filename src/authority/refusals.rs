@@ -13,6 +13,7 @@
 //! principal without the scope) are not aggregated: every one of those stays an entry.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -21,31 +22,34 @@ use crate::audit::AuditRecord;
 /// Distinct kinds of refusal written at once per window.
 pub const MAX_KINDS: usize = 64;
 
-type Kind = (String, String, String, String, String);
+/// The first of each kind in a window passes at once; repeats, and kinds past
+/// [`MAX_KINDS`], are counted until the window ends. For refusals here and for the error
+/// lines an outage would repeat on every request (`api/throttle.rs`).
+pub struct Repeats<K> {
+    window: Duration,
+    inner: Mutex<Window<K>>,
+}
 
-struct Window {
+struct Window<K> {
     started: Instant,
-    /// Kind → refusals after the first (written at once) in this window.
-    seen: HashMap<Kind, u64>,
-    /// Refusals of kinds past `MAX_KINDS`.
+    /// Kind → how many after the first (which passed at once) in this window.
+    seen: HashMap<K, u64>,
+    /// Occurrences of kinds past `MAX_KINDS`.
     overflow: u64,
 }
 
-/// The aggregation state of one process.
-pub struct Refusals {
-    window: Duration,
-    inner: Mutex<Window>,
+/// What a window that ended held: the kinds that repeated with their repeats, the
+/// occurrences of kinds past the cap, and the window's length in whole seconds (at least 1).
+pub struct Ended<K> {
+    pub repeated: Vec<(K, u64)>,
+    pub overflow: u64,
+    pub secs: u64,
 }
 
-/// True when `actor` is not a verified identity: nobody (`anonymous`), or only what an
-/// enrolling machine claims (`tpm:ek:<hash>`: a refused enrollment proved nothing).
-pub fn unverified(actor: &str) -> bool {
-    actor == "anonymous" || actor.starts_with("tpm:ek:")
-}
-
-impl Refusals {
-    pub fn new(window: Duration) -> Refusals {
-        Refusals {
+impl<K: Eq + Hash> Repeats<K> {
+    /// Windows of `window` (at least 1 s).
+    pub fn new(window: Duration) -> Repeats<K> {
+        Repeats {
             window: window.max(Duration::from_secs(1)),
             inner: Mutex::new(Window {
                 started: Instant::now(),
@@ -55,19 +59,12 @@ impl Refusals {
         }
     }
 
-    /// Whether `rec` is to be written now (the first of its kind in the window); repeats
-    /// and kinds past the cap are counted for [`Refusals::take_summaries`].
-    pub fn admit(&self, rec: &AuditRecord) -> bool {
+    /// True for the first of its kind in the window (to be written now); repeats and kinds
+    /// past the cap are counted for [`Repeats::take`].
+    pub fn admit(&self, kind: K) -> bool {
         let Ok(mut w) = self.inner.lock() else {
             return true;
         };
-        let kind = (
-            rec.actor.clone(),
-            rec.action.clone(),
-            rec.target.clone(),
-            rec.outcome.clone(),
-            rec.remote_addr.clone(),
-        );
         if let Some(n) = w.seen.get_mut(&kind) {
             *n += 1;
             return false;
@@ -80,23 +77,71 @@ impl Refusals {
         true
     }
 
-    /// When the window has ended (or `force`): the summary entries of its repeats, and a
-    /// new window. Empty otherwise.
-    pub fn take_summaries(&self, force: bool) -> Vec<AuditRecord> {
-        let Ok(mut w) = self.inner.lock() else {
-            return Vec::new();
-        };
+    /// How many repeats of `kind` this window has counted (None: not seen in it).
+    pub fn repeats_of(&self, kind: &K) -> Option<u64> {
+        self.inner.lock().ok()?.seen.get(kind).copied()
+    }
+
+    /// When the window has ended (or `force`): what it held, and a new window.
+    pub fn take(&self, force: bool) -> Option<Ended<K>> {
+        let mut w = self.inner.lock().ok()?;
         if !force && w.started.elapsed() < self.window {
-            return Vec::new();
+            return None;
         }
         let secs = w.started.elapsed().as_secs().max(1);
         let seen = std::mem::take(&mut w.seen);
         let overflow = std::mem::take(&mut w.overflow);
         w.started = Instant::now();
         drop(w);
-        let mut out: Vec<AuditRecord> = seen
+        Some(Ended {
+            repeated: seen.into_iter().filter(|(_, n)| *n > 0).collect(),
+            overflow,
+            secs,
+        })
+    }
+}
+
+type Kind = (String, String, String, String, String);
+
+/// The aggregation state of one process.
+pub struct Refusals(Repeats<Kind>);
+
+/// True when `actor` is not a verified identity: nobody (`anonymous`), or only what an
+/// enrolling machine claims (`tpm:ek:<hash>`: a refused enrollment proved nothing).
+pub fn unverified(actor: &str) -> bool {
+    actor == "anonymous" || actor.starts_with("tpm:ek:")
+}
+
+impl Refusals {
+    pub fn new(window: Duration) -> Refusals {
+        Refusals(Repeats::new(window))
+    }
+
+    /// Whether `rec` is to be written now (the first of its kind in the window); repeats
+    /// and kinds past the cap are counted for [`Refusals::take_summaries`].
+    pub fn admit(&self, rec: &AuditRecord) -> bool {
+        self.0.admit((
+            rec.actor.clone(),
+            rec.action.clone(),
+            rec.target.clone(),
+            rec.outcome.clone(),
+            rec.remote_addr.clone(),
+        ))
+    }
+
+    /// When the window has ended (or `force`): the summary entries of its repeats, and a
+    /// new window. Empty otherwise.
+    pub fn take_summaries(&self, force: bool) -> Vec<AuditRecord> {
+        let Some(Ended {
+            repeated,
+            overflow,
+            secs,
+        }) = self.0.take(force)
+        else {
+            return Vec::new();
+        };
+        let mut out: Vec<AuditRecord> = repeated
             .into_iter()
-            .filter(|(_, n)| *n > 0)
             .map(|((actor, action, target, outcome, remote), n)| {
                 AuditRecord::new(
                     &actor,

@@ -48,13 +48,15 @@ pub fn start(authority: Arc<Authority>, config: &Config) -> Periodic {
     ])
 }
 
-/// Summaries of repeated refusals (`authority/refusals.rs`), on every replica for its own.
+/// Summaries of repeated refusals (`authority/refusals.rs`) and of repeated failure lines
+/// (`api/throttle.rs`), on every replica for its own.
 async fn refusal_summaries(authority: Arc<Authority>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         authority.flush_refusals(false).await;
+        crate::api::flush_failure_lines(false);
     }
 }
 

@@ -192,6 +192,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         r.abort();
     }
     service.authority.flush_refusals(true).await;
+    crate::api::flush_failure_lines(true);
     if let Err(e) = service.authority.checkpoint_audit().await {
         tracing::error!(error = %e, "cannot sign the audit checkpoint at shutdown");
     }
