@@ -158,20 +158,6 @@ fn sha256(b: &[u8]) -> Vec<u8> {
     digest::digest(&digest::SHA256, b).as_ref().to_vec()
 }
 
-/// 64 lowercase hex digits.
-pub(super) fn check_ek_hash(h: &str) -> Result<(), AuthorityError> {
-    if h.len() == 64
-        && h.bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    {
-        Ok(())
-    } else {
-        Err(AuthorityError::BadRequest(
-            "ek_hash must be 64 lowercase hex digits (SHA-256 of the EK's DER SubjectPublicKeyInfo)".into(),
-        ))
-    }
-}
-
 fn parse_public(bytes: &[u8], what: &'static str) -> Result<TpmPublic, AuthorityError> {
     if bytes.len() > MAX_TPM_STRUCTURE {
         return Err(AuthorityError::BadRequest(format!(

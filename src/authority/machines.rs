@@ -1,7 +1,6 @@
 //! The machines allowed to enroll: registration by EK hash (allowlist mode), the list, and
 //! revocation (which also revokes the machine's unexpired tokens).
 
-use super::enroll::check_ek_hash;
 use super::{Authority, AuthorityError, Principal, now};
 use crate::audit::AuditRecord;
 use crate::config::EnrollMode;
@@ -75,6 +74,20 @@ impl Authority {
         }
         self.crl_cache.clear();
         Ok(n)
+    }
+}
+
+/// 64 lowercase hex digits.
+fn check_ek_hash(h: &str) -> Result<(), AuthorityError> {
+    if h.len() == 64
+        && h.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        Ok(())
+    } else {
+        Err(AuthorityError::BadRequest(
+            "ek_hash must be 64 lowercase hex digits (SHA-256 of the EK's DER SubjectPublicKeyInfo)".into(),
+        ))
     }
 }
 
