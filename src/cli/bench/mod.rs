@@ -235,9 +235,9 @@ async fn measure(
                 .map(|(i, r)| format!(", PostgreSQL issue {:.0}/s redeem {:.0}/s", i.rate, r.rate))
                 .unwrap_or_default(),
             cpu.zip(raw_around)
-                .map(|(c, (b, a))| format!(
+                .map(|(c, (before, after))| format!(
                     ", server CPU {:.1} us/token ({:.1} signing; raw {:.1} us before it, {:.1} after)",
-                    c.cpu_us, c.sign_us, b.cpu_us, a.cpu_us
+                    c.cpu_us, c.sign_us, before.cpu_us, after.cpu_us
                 ))
                 .unwrap_or_default(),
         );
