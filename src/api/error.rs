@@ -1,7 +1,8 @@
 //! RFC 9457 problem documents: one `ApiError`, one `IntoResponse`.
 //!
 //! A 5xx body says little (which component, not why); the real error is logged inside the
-//! request span: every 500's, and a 503's once per kind of failure and 10 s (`throttle.rs`).
+//! request span: every 500's, and that of a 503 for an unavailable store or device once per
+//! kind of failure and 10 s (`throttle.rs`; a 503 of load shedding only at debug).
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -269,6 +270,11 @@ impl From<AuthorityError> for ApiError {
             // A conflict or an unknown id is the client's doing, not a fault of the store.
             AuthorityError::Store(StoreError::Conflict(d)) => ApiError::Conflict(d),
             AuthorityError::Store(StoreError::NotFound(d)) => ApiError::NotFound(format!("{d} not found")),
+            // A refused precondition or an open failure is not an outage: logged every time.
+            AuthorityError::Store(e @ (StoreError::Refused(_) | StoreError::Open { .. })) => {
+                tracing::error!(error = %e, "store failed");
+                ApiError::Unavailable("store")
+            }
             AuthorityError::Store(e) => {
                 super::throttle::failure("store failed", &e);
                 ApiError::Unavailable("store")
@@ -390,5 +396,17 @@ mod tests {
             None,
             "500s are logged every time"
         );
+        // a refused precondition is no outage: logged every time too
+        let refused = || StoreError::Refused(crate::store::Refusal::KeyState);
+        for _ in 0..2 {
+            assert_eq!(status_of(AuthorityError::Store(refused())), 503);
+        }
+        assert_eq!(repeats_of("store failed", &refused()), None);
+        // texts that differ only past 256 bytes are one kind
+        let long = |tail: &str| StoreError::Unavailable(format!("outage-test: {}{tail}", "x".repeat(300)));
+        for tail in ["a", "b", "c"] {
+            assert_eq!(status_of(AuthorityError::Store(long(tail))), 503);
+        }
+        assert_eq!(repeats_of("store failed", &long("")), Some(2));
     }
 }

@@ -1,13 +1,15 @@
 //! The ERROR lines that every request would repeat while the store or the key device is
-//! unavailable (the database unreachable, the store's write queue full, the device gone).
-//! Each distinct line (message and error text) is written the first time it occurs in a
+//! unavailable (the database unreachable, the store's write queue full, the device gone):
+//! the `store failed` and `key backend failed` lines of `error.rs`. Each distinct line
+//! (message and error text, cut to 256 bytes) is written the first time it occurs in a
 //! window of 10 s; its repeats are counted, and when the window ends one line per repeated
-//! error says how many more there were (`repeated`, over `seconds`). An outage thus writes a
-//! few ERROR lines every 10 s instead of one per refused request (the access log's
-//! `answered` line stays one per request), and the cause of each kind of
-//! failure still reaches the log at once. Errors that answer 500 are not aggregated: each
+//! error says how many more there were (`repeated`, over `seconds`). Past 64 distinct lines
+//! in a window (`authority::refusals::MAX_KINDS`) the rest are only counted, in one line
+//! "store or key backend failures of other kinds". So these two lines no longer come once
+//! per refused request; other lines still do (the access log's `answered`, the writer's
+//! `store commit failed` per failed batch). Errors that answer 500 are not aggregated: each
 //! is logged with its request. Every refusal is counted in `keygate_requests_failed_total`.
-//! The windows are those of `authority::Repeats`, as for aggregated refusals.
+//! The aggregation is `authority::Repeats`, as for refusals, with a window of its own.
 
 use std::fmt::Display;
 use std::sync::LazyLock;
@@ -24,10 +26,25 @@ static FAILURES: LazyLock<Repeats<(&'static str, String)>> = LazyLock::new(|| Re
 /// Logs `message` with `error` at ERROR when it is the first such line in the window;
 /// counts it otherwise.
 pub(super) fn failure(message: &'static str, error: &dyn Display) {
-    let text = error.to_string();
-    if FAILURES.admit((message, text.clone())) {
-        tracing::error!(error = %text, "{message}");
+    if FAILURES.admit((message, kind_text(error))) {
+        tracing::error!(error = %error, "{message}");
     }
+}
+
+/// Longest error text kept as (part of) a kind.
+const MAX_TEXT: usize = 256;
+
+/// The error's text as a kind: its first [`MAX_TEXT`] bytes (on a character boundary).
+fn kind_text(error: &dyn Display) -> String {
+    let mut text = error.to_string();
+    if text.len() > MAX_TEXT {
+        let mut end = MAX_TEXT;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
 }
 
 /// Writes one line per error line repeated in a window that has ended (with `force`: the
@@ -56,6 +73,6 @@ pub fn flush_failure_lines(force: bool) {
 /// How many repeats of `message` with `error` the current window has counted (None: none
 /// of them logged in it).
 #[cfg(test)]
-pub(super) fn repeats_of(message: &'static str, error: &str) -> Option<u64> {
-    FAILURES.repeats_of(&(message, error.to_owned()))
+pub(super) fn repeats_of(message: &'static str, error: &dyn Display) -> Option<u64> {
+    FAILURES.repeats_of(&(message, kind_text(error)))
 }

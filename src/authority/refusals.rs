@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 
 use crate::audit::AuditRecord;
 
-/// Distinct kinds of refusal written at once per window.
+/// Distinct kinds written at once per window (of refusals, and of the failure lines of
+/// `api/throttle.rs`).
 pub const MAX_KINDS: usize = 64;
 
 /// The first of each kind in a window passes at once; repeats, and kinds past

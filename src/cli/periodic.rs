@@ -55,8 +55,10 @@ async fn refusal_summaries(authority: Arc<Authority>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        authority.flush_refusals(false).await;
+        // first: it writes nothing to the store, and the refusals' writes can wait for a
+        // store that is down, which is when these lines matter
         crate::api::flush_failure_lines(false);
+        authority.flush_refusals(false).await;
     }
 }
 

@@ -191,8 +191,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     if let Some(r) = reload {
         r.abort();
     }
-    service.authority.flush_refusals(true).await;
     crate::api::flush_failure_lines(true);
+    service.authority.flush_refusals(true).await;
     if let Err(e) = service.authority.checkpoint_audit().await {
         tracing::error!(error = %e, "cannot sign the audit checkpoint at shutdown");
     }
