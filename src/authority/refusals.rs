@@ -79,6 +79,7 @@ impl<K: Eq + Hash> Repeats<K> {
     }
 
     /// How many repeats of `kind` this window has counted (None: not seen in it).
+    #[cfg(test)]
     pub fn repeats_of(&self, kind: &K) -> Option<u64> {
         self.inner.lock().ok()?.seen.get(kind).copied()
     }

@@ -176,6 +176,12 @@ pub async fn run(a: BenchArgs, mut config: Config) -> anyhow::Result<()> {
     result
 }
 
+/// [`raw_sign_rate`] on a blocking thread.
+async fn raw_sign(config: &Config, uri: &str, sessions: usize, secs: u64) -> anyhow::Result<RawSign> {
+    let (config, uri) = (config.clone(), uri.to_owned());
+    tokio::task::spawn_blocking(move || raw_sign_rate(&config, &uri, sessions, secs)).await?
+}
+
 async fn measure(
     a: &BenchArgs,
     config: &Config,
@@ -188,13 +194,11 @@ async fn measure(
     let mut all = Vec::new();
     for r in 1..=runs {
         // Raw and end-to-end side by side, so each ratio compares like with like.
-        let (cfg, u) = (config.clone(), s.uri.clone());
-        let raw1 = tokio::task::spawn_blocking(move || raw_sign_rate(&cfg, &u, 1, secs)).await??;
+        let raw1 = raw_sign(config, &s.uri, 1, secs).await?;
         let e2e1 = issuance(config, 1, a.clients, secs).await?;
         // With one session only (a TPM), the N-session pair is the same measurement.
         let (raw_n, e2e_n) = if n > 1 {
-            let (cfg, u) = (config.clone(), s.uri.clone());
-            let raw_n = tokio::task::spawn_blocking(move || raw_sign_rate(&cfg, &u, n, secs)).await??;
+            let raw_n = raw_sign(config, &s.uri, n, secs).await?;
             (raw_n, issuance(config, n, a.clients, secs).await?)
         } else {
             (raw1, e2e1)
@@ -215,13 +219,9 @@ async fn measure(
         let (cpu, raw_around) = if a.no_server_cpu {
             (None, None)
         } else {
-            let raw = || {
-                let (cfg, u) = (config.clone(), s.uri.clone());
-                tokio::task::spawn_blocking(move || raw_sign_rate(&cfg, &u, 1, secs))
-            };
-            let before = raw().await??;
+            let before = raw_sign(config, &s.uri, 1, secs).await?;
             let server = cpu::server_cpu(config, &s.api_secret, a.clients, secs).await?;
-            let after = raw().await??;
+            let after = raw_sign(config, &s.uri, 1, secs).await?;
             (Some(server), Some((before, after)))
         };
         eprintln!(
