@@ -157,7 +157,8 @@ impl Authority {
         let input = signing_input(&ring.active.kid, &claims)?;
         let audit = AuditRecord::new(&who.id, "token.issue", &claims.jti, "success", remote);
         let signer = ring.active.signer.clone();
-        let writes = self.store.write_queue();
+        // announced now, so that the writer holds its batch open for it while it is signed
+        let write = self.store.write_queue().expect();
         let (signed, mut token) = oneshot::channel();
         let (reply, written) = oneshot::channel();
         let ticket = self.sign_queue.submit(move |job: &Handoff| {
@@ -168,9 +169,9 @@ impl Authority {
             match sig {
                 Ok(sig) => {
                     let _ = signed.send(Ok(Zeroizing::new(token::jws::assemble(&input, &sig))));
-                    writes.submit(vec![WriteOp::InsertIssued(row)], audit, reply);
+                    write.submit(vec![WriteOp::InsertIssued(row)], audit, reply);
                 }
-                // `reply` is dropped unanswered: the caller reads why here
+                // `reply` and `write` are dropped unanswered: the caller reads why here
                 Err(e) => drop(signed.send(Err(e))),
             }
         })?;

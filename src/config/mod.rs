@@ -429,6 +429,12 @@ impl Config {
                 "store.max_connections must be at least 1".into(),
             ));
         }
+        if self.store.batch_hold_ms > sections::MAX_BATCH_HOLD_MS {
+            return Err(ConfigError::Invalid(format!(
+                "store.batch_hold_ms must be at most {}",
+                sections::MAX_BATCH_HOLD_MS
+            )));
+        }
         let country = &self.ca.country;
         if country.len() != 2 || !country.bytes().all(|b| b.is_ascii_uppercase()) {
             return Err(ConfigError::Invalid(format!(
@@ -496,6 +502,7 @@ impl Config {
             sqlite_synchronous_full: self.store.synchronous == Synchronous::Full,
             password,
             max_connections: self.store.max_connections,
+            batch_hold: std::time::Duration::from_millis(self.store.batch_hold_ms),
         })
     }
 

@@ -236,11 +236,22 @@ pub struct StoreConfig {
     /// PostgreSQL always waits for its own WAL flush (`synchronous_commit` of the server).
     #[serde(default)]
     pub synchronous: Synchronous,
+    /// Milliseconds a commit waits, at most, for writes already being signed, so that they
+    /// share it (and its `fsync`); 0 commits at once. Only while signatures are under way.
+    #[serde(default = "default_batch_hold_ms")]
+    pub batch_hold_ms: u64,
 }
 
 fn default_store_connections() -> u32 {
     8
 }
+
+fn default_batch_hold_ms() -> u64 {
+    crate::store::HOLD.as_millis() as u64
+}
+
+/// Longest `[store] batch_hold_ms` accepted.
+pub const MAX_BATCH_HOLD_MS: u64 = 50;
 
 /// SQLite durability: `full` syncs every commit (group commit keeps that cheap); `normal`
 /// may lose the last commits on power loss, never on a crash of keygate alone.

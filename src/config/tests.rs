@@ -79,6 +79,10 @@ fn backend_tables_must_match_the_backend() {
 fn store_urls_and_passwords() {
     let c = Config::parse("").unwrap();
     assert!(c.store_is_sqlite());
+    assert_eq!(c.store_options().unwrap().batch_hold, crate::store::HOLD);
+    let off = Config::parse("[store]\nbatch_hold_ms = 0").unwrap();
+    assert!(off.validate().is_ok());
+    assert!(off.store_options().unwrap().batch_hold.is_zero());
     assert!(c.store_url().ends_with("keygate-data/keygate.db"));
     let pg = Config::parse(
         "[store]\nurl = \"postgres://kg@db:5432/keygate\"\npassword = { env = \"KG_TEST_NO_SUCH_VAR\" }",
@@ -96,6 +100,7 @@ fn store_urls_and_passwords() {
         "[store]\nurl = \"mysql://db/x\"",
         "[store]\nurl = \"sqlite:///x.db\"\npassword = { file = \"/p\" }",
         "[store]\nmax_connections = 0",
+        "[store]\nbatch_hold_ms = 51",
     ] {
         assert!(Config::parse(bad).unwrap().validate().is_err(), "{bad}");
     }

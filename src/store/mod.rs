@@ -14,12 +14,14 @@ mod db;
 mod enroll;
 mod issued;
 mod postgres;
+mod queue;
 mod rows;
 mod sqlite;
 mod url;
 mod writer;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use secrecy::SecretString;
@@ -29,6 +31,7 @@ use crate::audit::{AuditEntry, AuditRecord};
 pub use certs::{CertOp, CertificateRow, RevokedCertificate};
 use db::{Arg, Exec, Pool};
 pub use enroll::EnrollOp;
+pub use queue::{Expected, HOLD, WriteQueue};
 pub use rows::{
     ApiTokenRow, EnrollmentRow, IssuedToken, MachineRow, RevocationRow, SigningKeyRow, TokenStatus,
 };
@@ -127,6 +130,9 @@ pub struct StoreOptions {
     pub password: Option<SecretString>,
     /// Read pool size.
     pub max_connections: u32,
+    /// How long the writer holds a batch open for writes announced and not yet queued
+    /// ([`WriteQueue::expect`]); zero commits every batch at once.
+    pub batch_hold: Duration,
 }
 
 impl StoreOptions {
@@ -137,6 +143,7 @@ impl StoreOptions {
             sqlite_synchronous_full: true,
             password: None,
             max_connections: 8,
+            batch_hold: HOLD,
         })
     }
 }
@@ -150,31 +157,16 @@ pub struct Store {
     url: Arc<StoreUrl>,
     /// PostgreSQL connection settings (for leases), when on PostgreSQL.
     pg: Option<Arc<sqlx::postgres::PgConnectOptions>>,
+    /// Writes announced to the writer and not yet queued ([`WriteQueue::expect`]).
+    hold: Arc<queue::Hold>,
+    /// Batches the writer has committed (or tried to).
+    commits: Arc<AtomicU64>,
 }
 
 use writer::Job;
 
 /// What a write answers: rows affected per op.
 pub type WriteResult = Result<Vec<u64>, StoreError>;
-
-/// Queues writes from any thread, without waiting ([`Store::write_queue`]).
-#[derive(Clone)]
-pub struct WriteQueue(mpsc::Sender<Job>);
-
-impl WriteQueue {
-    /// Queues `ops` with `audit`; the outcome comes on `reply` (await it with
-    /// [`Store::answer`]). A full queue (4096 writes waiting) answers
-    /// [`StoreError::Unavailable`] at once rather than block the calling thread.
-    pub fn submit(&self, ops: Vec<WriteOp>, audit: AuditRecord, reply: oneshot::Sender<WriteResult>) {
-        if let Err(e) = self.0.try_send(Job { ops, audit, reply }) {
-            let (why, job) = match e {
-                mpsc::error::TrySendError::Full(j) => ("the store's write queue is full", j),
-                mpsc::error::TrySendError::Closed(j) => ("writer stopped", j),
-            };
-            let _ = job.reply.send(Err(StoreError::Unavailable(why.into())));
-        }
-    }
-}
 
 impl Store {
     /// Opens the store (creating a SQLite file if needed; never creating a PostgreSQL
@@ -201,13 +193,24 @@ impl Store {
                 )
             }
         };
-        tokio::spawn(writer::run(conn, rx, changes.clone(), pool.clone()));
+        let (hold, commits) = (Arc::new(queue::Hold::default()), Arc::new(AtomicU64::new(0)));
+        tokio::spawn(writer::run(
+            conn,
+            rx,
+            changes.clone(),
+            pool.clone(),
+            hold.clone(),
+            opts.batch_hold,
+            commits.clone(),
+        ));
         Ok(Store {
             pool,
             jobs,
             changes,
             url: Arc::new(opts.url.clone()),
             pg,
+            hold,
+            commits,
         })
     }
 
@@ -252,7 +255,15 @@ impl Store {
     /// A handle that queues writes from any thread without waiting (a signing thread
     /// hands its token straight to the writer).
     pub fn write_queue(&self) -> WriteQueue {
-        WriteQueue(self.jobs.clone())
+        WriteQueue {
+            tx: self.jobs.clone(),
+            hold: self.hold.clone(),
+        }
+    }
+
+    /// Batches the writer has committed (or tried to) since the store was opened.
+    pub fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
     }
 
     /// The answer to a write queued with [`WriteQueue::submit`], within the bound of

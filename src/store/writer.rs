@@ -11,6 +11,10 @@
 //!   each write under its own savepoint, so one bad write fails alone and leaves no trace,
 //!   not even its audit entry ([`commit_each`], shared by both databases).
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::db::{Arg, Exec};
@@ -107,38 +111,31 @@ pub(super) enum Conn {
 }
 
 /// Runs until every [`super::Store`] handle is gone, then closes `pool` (which ends the
-/// change listener too).
+/// change listener too). A batch is held open up to `hold` while writes are announced
+/// (`queue.rs`); `commits` counts the batches written.
 pub(super) async fn run(
     mut conn: Conn,
     mut rx: mpsc::Receiver<Job>,
     changes: broadcast::Sender<Change>,
     pool: super::db::Pool,
+    shared: Arc<super::queue::Hold>,
+    hold: Duration,
+    commits: Arc<AtomicU64>,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        // Let the requests that are ready to write (their signatures done) queue up first:
-        // one commit for all of them instead of one each. Costs no wait when nothing else
-        // is runnable.
-        if batch.len() < MAX_BATCH {
-            tokio::task::yield_now().await;
-            while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(job) => batch.push(job),
-                    Err(_) => break,
-                }
-            }
-        }
+        super::queue::gather(&mut rx, &mut batch, &shared, hold).await;
         // A caller that stopped waiting (PostgreSQL: `Store::write` answers within a bound)
         // was told the write failed: it must not happen behind its back now.
         batch.retain(|j| !j.reply.is_closed());
         let jobs = std::mem::take(&mut batch);
         if jobs.iter().all(Job::bulk_ok) {
-            commit(&mut conn, jobs, &changes).await;
+            commit(&mut conn, jobs, &changes, &commits).await;
         } else {
             let mut jobs = jobs;
             while !jobs.is_empty() {
                 let rest = jobs.split_off(jobs.len().min(MAX_CAREFUL));
-                commit(&mut conn, jobs, &changes).await;
+                commit(&mut conn, jobs, &changes, &commits).await;
                 jobs = rest;
             }
         }
@@ -147,10 +144,11 @@ pub(super) async fn run(
 }
 
 /// Commits `jobs` as one batch and answers each caller.
-async fn commit(conn: &mut Conn, jobs: Vec<Job>, changes: &broadcast::Sender<Change>) {
+async fn commit(conn: &mut Conn, jobs: Vec<Job>, changes: &broadcast::Sender<Change>, commits: &AtomicU64) {
     if jobs.is_empty() {
         return;
     }
+    commits.fetch_add(1, Ordering::Relaxed);
     metrics::histogram!("keygate_store_batch_writes").record(jobs.len() as f64);
     let outcome = match conn {
         Conn::Sqlite(w) => w.commit(&jobs).await,
