@@ -158,9 +158,7 @@ async fn commit(conn: &mut Conn, jobs: Vec<Job>, changes: &broadcast::Sender<Cha
         Ok(b) => b.results,
         Err(e) => {
             tracing::error!(error = %e, writes = jobs.len(), "store commit failed");
-            jobs.iter()
-                .map(|_| Err(StoreError::Unavailable(e.to_string())))
-                .collect()
+            jobs.iter().map(|_| Err(failed_batch(&e))).collect()
         }
     };
     for (job, res) in jobs.into_iter().zip(results) {
@@ -173,6 +171,15 @@ async fn commit(conn: &mut Conn, jobs: Vec<Job>, changes: &broadcast::Sender<Cha
         });
         let _ = job.reply.send(reply);
     }
+}
+
+/// What each write of a batch whose commit failed with `e` is answered: the store is
+/// unavailable, for the reason `e` gives (once: an `Unavailable` is not wrapped again).
+fn failed_batch(e: &StoreError) -> StoreError {
+    StoreError::Unavailable(match e {
+        StoreError::Unavailable(why) => why.clone(),
+        other => other.to_string(),
+    })
 }
 
 /// Chain positions for `jobs` after `head`: (seq, at, prev_hash, hash) each.
@@ -520,6 +527,16 @@ async fn apply_op(ex: &mut Exec<'_>, op: &WriteOp) -> Result<(u64, Option<Change
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A failed commit's reason is named once ("store unavailable: disk full"), not
+    /// "store unavailable: store unavailable: disk full".
+    #[test]
+    fn a_failed_batch_names_its_reason_once() {
+        let e = failed_batch(&StoreError::Unavailable("disk full".into()));
+        assert_eq!(e.to_string(), "store unavailable: disk full");
+        let e = failed_batch(&StoreError::Conflict("seq".into()));
+        assert_eq!(e.to_string(), "store unavailable: conflict: seq");
+    }
 
     #[test]
     fn values_are_numbered_from_first() {
