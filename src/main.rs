@@ -7,7 +7,7 @@ use keygate::cli::{Cli, Command};
 use keygate::config::Config;
 
 /// mimalloc: the request path allocates a lot (HTTP, JSON, SQL); glibc malloc was about
-/// 10% of server CPU under load (docs/benchmarks.md).
+/// 10% of server CPU under load (docs/benchmarks-server-cpu.md).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -20,7 +20,7 @@ const CACHE_MAX: usize = 10_000;
 /// Verified API-token rows by SHA-256 of the secret.
 ///
 /// Every request used to read its API token from SQLite, a cross-thread round trip that cost
-/// more than the HSM signature (docs/benchmarks.md). Rows are cached after a successful
+/// more than the HSM signature (docs/benchmarks-server-cpu.md). Rows are cached after a successful
 /// lookup; expiry is checked on every use; a deletion removes the row from the cache before
 /// the deletion is answered, so a deleted token is refused from the next request on.
 ///

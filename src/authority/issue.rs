@@ -141,7 +141,7 @@ impl Authority {
     /// nothing is returned if recording fails.
     ///
     /// The signing thread hands the signed token straight to the store's writer, so this
-    /// task is woken once, when the commit is done (docs/benchmarks.md). The device wait
+    /// task is woken once, when the commit is done (docs/benchmarks-server-cpu.md). The device wait
     /// holds as for every signature: a request whose signature has not been made within it
     /// is answered 503 and its token is neither recorded nor returned.
     pub async fn issue(

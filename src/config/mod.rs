@@ -462,7 +462,7 @@ impl Config {
             // One session: SoftHSM2 signs on keygate's own CPU, and a second session on the
             // same token gained no throughput here while each signature cost more CPU (its
             // sessions lock the token file and SoftHSM2's mutexes against each other;
-            // docs/benchmarks.md). A real device sets its own `sessions`.
+            // docs/benchmarks-server-cpu.md). A real device sets its own `sessions`.
             sessions: 1,
             acquire_timeout_ms: default_acquire_ms(),
         })

@@ -49,7 +49,7 @@ pub struct HttpConfig {
     /// 0: half the cores (at least one), since signing has threads of their own, and so has
     /// SQLite's writer: with a device on this machine (SoftHSM2, a TPM) and SQLite they keep
     /// the other cores busy, and one thread per core only adds switching between them
-    /// (docs/benchmarks.md). Raise it for TLS handshake bursts, a network HSM or
+    /// (docs/benchmarks-server-cpu.md). Raise it for TLS handshake bursts, a network HSM or
     /// PostgreSQL. `TOKIO_WORKER_THREADS` overrides it.
     #[serde(default)]
     pub workers: usize,

@@ -7,7 +7,7 @@
 //! writes are a fraction of a millisecond away, and one commit for all of them costs one
 //! `fsync` (and one round of statements) instead of several. With nothing announced (one
 //! client, or any write that is not an issuance) a batch commits at once, so the hold costs
-//! no latency where there is nothing to gain (docs/benchmarks.md, "Holding a batch open").
+//! no latency where there is nothing to gain (docs/benchmarks-server-cpu.md, "Holding a batch open").
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

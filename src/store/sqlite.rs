@@ -3,7 +3,7 @@
 //! sqlx runs a SQLite connection on a worker thread of its own, and under load every
 //! statement sent to it waits for a CPU; so the writer's fast path sends the whole batch as
 //! ONE multi-statement query, `BEGIN IMMEDIATE; INSERT tokens…; INSERT audit…; COMMIT`
-//! (docs/benchmarks.md). It keeps the chain head in memory; the database checks it: `seq` is
+//! (docs/benchmarks-server-cpu.md). It keeps the chain head in memory; the database checks it: `seq` is
 //! the primary key, so if another process appended meanwhile (`keygate init` while `serve`
 //! runs), the batch collides on `seq`, rolls back, and is redone on the careful path, which
 //! reads the head inside its own `BEGIN IMMEDIATE` transaction.

@@ -383,7 +383,7 @@ async fn measure(
         );
         // The same ratio against the signature as the server's own signing thread paid for
         // it in the same seconds: the raw runs are alone, without the other threads'
-        // interrupts and cache traffic on their core (docs/benchmarks.md).
+        // interrupts and cache traffic on their core (docs/benchmarks-server-cpu.md).
         t.row(
             "  of which the signing thread (the signature inside the server)",
             format!("{:.1} us", cpu(&|x| x.sign_us)),
