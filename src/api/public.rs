@@ -100,22 +100,23 @@ pub async fn readyz(State(st): State<AppState>) -> Result<Json<Status>, ApiError
     let a = &st.authority;
     match tokio::time::timeout(PROBE_TIMEOUT, a.probe_backend()).await {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "readiness: key backend cannot sign");
-            return Err(ApiError::Unavailable("key backend"));
-        }
+        Ok(Err(e)) => return Err(not_ready("key backend", "readiness: key backend cannot sign", &e)),
         Err(_) => return Err(ApiError::Unavailable("key backend")),
     }
     match tokio::time::timeout(PROBE_TIMEOUT, a.probe_store()).await {
         Ok(Ok(())) => Ok(Json(Status {
             status: "ready".into(),
         })),
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "readiness: store does not answer");
-            Err(ApiError::Unavailable("store"))
-        }
+        Ok(Err(e)) => Err(not_ready("store", "readiness: store does not answer", &e)),
         Err(_) => Err(ApiError::Unavailable("store")),
     }
+}
+
+/// The 503 of a failed readiness probe. Its WARN line is written once per kind in a window
+/// and then counted (`throttle.rs`): anyone may call `/readyz`, as often as they like.
+fn not_ready(what: &'static str, message: &'static str, error: &dyn std::fmt::Display) -> ApiError {
+    super::throttle::warning(message, error);
+    ApiError::Unavailable(what)
 }
 
 /// Prometheus text format.
@@ -136,4 +137,28 @@ pub async fn metrics(State(st): State<AppState>) -> Response {
 pub async fn openapi() -> Response {
     let doc = super::openapi::document();
     ([(header::CONTENT_TYPE, "application/json")], doc).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `/readyz` during an outage: every call answers 503, but its WARN line is written
+    /// once and the rest counted, however often anyone calls it. (The window is the
+    /// process's: this test uses an error text of its own.)
+    #[test]
+    fn a_failing_probe_warns_once_and_then_counts() {
+        use super::super::throttle::warning_repeats_of;
+        let message = "readiness: store does not answer";
+        let cause = "readyz-test: connection refused";
+        for _ in 0..50 {
+            let e = not_ready("store", message, &cause);
+            assert!(matches!(e, ApiError::Unavailable("store")));
+        }
+        assert_eq!(
+            warning_repeats_of(message, &cause),
+            Some(49),
+            "one line, 49 counted"
+        );
+    }
 }

@@ -10,24 +10,34 @@
 //! `store commit failed` per failed batch). Errors that answer 500 are not aggregated: each
 //! is logged with its request. Every refusal is counted in `keygate_requests_failed_total`.
 //! The aggregation is `authority::Repeats`, as for refusals, with a window of its own.
+//! `/readyz`, which anyone may call, writes its WARN lines (`readiness: …`) the same way.
 
 use std::fmt::Display;
 use std::sync::LazyLock;
 use std::time::Duration;
+
+use tracing::Level;
 
 use crate::authority::{Ended, Repeats};
 
 /// How long the repeats of one error line are counted before their summary line.
 const WINDOW: Duration = Duration::from_secs(10);
 
-/// (message, error text) of the lines of this window.
-static FAILURES: LazyLock<Repeats<(&'static str, String)>> = LazyLock::new(|| Repeats::new(WINDOW));
+/// (level, message, error text) of the lines of this window.
+static FAILURES: LazyLock<Repeats<(Level, &'static str, String)>> = LazyLock::new(|| Repeats::new(WINDOW));
 
 /// Logs `message` with `error` at ERROR when it is the first such line in the window;
 /// counts it otherwise.
 pub(super) fn failure(message: &'static str, error: &dyn Display) {
-    if FAILURES.admit((message, kind_text(error))) {
+    if FAILURES.admit((Level::ERROR, message, kind_text(error))) {
         tracing::error!(error = %error, "{message}");
+    }
+}
+
+/// As [`failure`], at WARN (a readiness probe that fails).
+pub(super) fn warning(message: &'static str, error: &dyn Display) {
+    if FAILURES.admit((Level::WARN, message, kind_text(error))) {
+        tracing::warn!(error = %error, "{message}");
     }
 }
 
@@ -58,8 +68,12 @@ pub fn flush_failure_lines(force: bool) {
     else {
         return;
     };
-    for ((message, error), n) in repeated {
-        tracing::error!(error = %error, repeated = n, seconds = secs, "{message}");
+    for ((level, message, error), n) in repeated {
+        if level == Level::WARN {
+            tracing::warn!(error = %error, repeated = n, seconds = secs, "{message}");
+        } else {
+            tracing::error!(error = %error, repeated = n, seconds = secs, "{message}");
+        }
     }
     if overflow > 0 {
         tracing::error!(
@@ -74,5 +88,11 @@ pub fn flush_failure_lines(force: bool) {
 /// of them logged in it).
 #[cfg(test)]
 pub(super) fn repeats_of(message: &'static str, error: &dyn Display) -> Option<u64> {
-    FAILURES.repeats_of(&(message, kind_text(error)))
+    FAILURES.repeats_of(&(Level::ERROR, message, kind_text(error)))
+}
+
+/// As [`repeats_of`], for the lines of [`warning`].
+#[cfg(test)]
+pub(super) fn warning_repeats_of(message: &'static str, error: &dyn Display) -> Option<u64> {
+    FAILURES.repeats_of(&(Level::WARN, message, kind_text(error)))
 }
