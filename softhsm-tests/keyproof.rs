@@ -14,6 +14,16 @@ use serde_json::{Value, json};
 use crate::common::swtpm::{Swtpm, TestCa};
 use crate::common::{Env, jwks};
 
+/// The device wait these tests give keygate. A proof creates the EK and the AK in the TPM,
+/// and on swtpm in a loaded full run that once took longer than the 2 s a signature gets:
+/// a 503 at a step that expected 400. These tests are about which step refuses, not speed.
+const PROOF_WAIT: &str = "timeout_ms = 20000";
+
+/// keygate on `tpm` with the proof tests' device wait and `lines` in its `[tpm]` section.
+async fn proof_env(tpm: &Swtpm, lines: &str) -> Env {
+    Env::on_tpm_section(&tpm.tcti(), &format!("{PROOF_WAIT}\n{lines}")).await
+}
+
 /// `keygate keys prove --server server args…`: (exit 0, stdout, stderr).
 pub(crate) fn prove(env: &Env, server: &str, args: &[&str]) -> (bool, String, String) {
     let out = env
@@ -121,7 +131,7 @@ async fn tpm_keys_are_proven_with_rsa_and_p384_eks_and_a_rotated_key_before_it_s
     let tpm = Swtpm::manufactured(&ca);
     let bundle = ca.bundle.path().to_str().unwrap();
     for ek in ["rsa2048", "p384"] {
-        let env = Env::on_tpm_section(&tpm.tcti(), &format!("ek = \"{ek}\"")).await;
+        let env = proof_env(&tpm, &format!("ek = \"{ek}\"")).await;
         let (base, _svc) = env.serve().await;
         let (ok, out, err) = prove(&env, &base, &["--tpm-ca", bundle]);
         assert!(ok, "{ek}: {out}{err}");
@@ -263,7 +273,7 @@ pub(crate) fn impostor_ca(dir: &Path) -> String {
 async fn a_proof_fails_at_the_step_that_is_wrong() {
     let ca = TestCa::new();
     let tpm = Swtpm::manufactured(&ca);
-    let env = Env::on_tpm(&tpm.tcti()).await;
+    let env = proof_env(&tpm, "").await;
     let (base, _svc) = env.serve().await;
     let bundle = EkCaBundle::load_dir(ca.bundle.path()).unwrap();
     let kid = env.kid.clone();
@@ -418,7 +428,7 @@ async fn an_ek_certificate_file_is_shown_instead_of_nv() {
         "ek = \"rsa2048\"\nek_certificate = \"{}\"",
         certs.join("ek-secp384r1.crt").display()
     );
-    let env = Env::on_tpm_section(&tpm.tcti(), &wrong).await;
+    let env = proof_env(&tpm, &wrong).await;
     let (base, served) = env.serve_stoppable().await;
     let (ok, out, _) = prove(&env, &base, &["--tpm-ca", bundle]);
     assert!(
@@ -442,7 +452,7 @@ async fn an_ek_certificate_file_is_shown_instead_of_nv() {
         ],
     );
     let right = format!("ek = \"rsa2048\"\nek_certificate = \"{}\"", pem.display());
-    let env = Env::on_tpm_section(&tpm.tcti(), &right).await;
+    let env = proof_env(&tpm, &right).await;
     let (base, _svc) = env.serve().await;
     let (ok, out, err) = prove(&env, &base, &["--tpm-ca", bundle]);
     assert!(ok, "{out}{err}");
@@ -461,7 +471,7 @@ async fn an_endorsement_password_is_used_when_configured_and_never_stops_the_ser
     assert!(set.status.success(), "{}", String::from_utf8_lossy(&set.stderr));
     // Not configured: init and serving work (the key is published unproven, with a
     // warning); a proof cannot be made.
-    let env = Env::on_tpm(&tpm.tcti()).await;
+    let env = proof_env(&tpm, "").await;
     let (base, served) = env.serve_stoppable().await;
     crate::common::issue(&base, &env.admin, json!({"subject": "n", "audience": "fleet"})).await;
     let (ok, out, _) = prove(&env, &base, &["--tpm-ca", bundle]);
@@ -475,7 +485,7 @@ async fn an_endorsement_password_is_used_when_configured_and_never_stops_the_ser
     let pw = tpm.state.path().join("endorsement.auth");
     std::fs::write(&pw, "endorse-me").unwrap();
     let lines = format!("endorsement_auth = {{ file = \"{}\" }}", pw.display());
-    let env = Env::on_tpm_section(&tpm.tcti(), &lines).await;
+    let env = proof_env(&tpm, &lines).await;
     let (base, _svc) = env.serve().await;
     let (ok, out, err) = prove(&env, &base, &["--tpm-ca", bundle]);
     assert!(ok, "{out}{err}");

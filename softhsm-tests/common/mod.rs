@@ -262,8 +262,14 @@ impl Env {
             None => String::new(),
         };
         let extra = unlimited(extra);
+        // the device wait: 2 s unless the test sets its own
+        let wait = if tpm_lines.contains("timeout_ms") {
+            ""
+        } else {
+            "timeout_ms = 2000\n"
+        };
         let text = format!(
-            "data_dir = \"{data}\"\nlisten = \"127.0.0.1:{port}\"\nbackend = \"tpm\"\n{extra}\n{store}[tpm]\ntcti = \"{tcti}\"\ntimeout_ms = 2000\n{tpm_lines}\n",
+            "data_dir = \"{data}\"\nlisten = \"127.0.0.1:{port}\"\nbackend = \"tpm\"\n{extra}\n{store}[tpm]\ntcti = \"{tcti}\"\n{wait}{tpm_lines}\n",
             data = dir.path().display(),
         );
         let config_path = dir.path().join("keygate.toml");
