@@ -6,8 +6,8 @@
 //! writes to decide how long to keep a batch open: while signatures are under way, their
 //! writes are a fraction of a millisecond away, and one commit for all of them costs one
 //! `fsync` (and one round of statements) instead of several. With nothing announced (one
-//! client, or any write that is not an issuance) a batch commits at once, so the hold costs
-//! no latency where there is nothing to gain (docs/benchmarks-server-cpu.md, "Holding a batch open").
+//! client, or any write that is not an issuance) a batch commits at once; otherwise a write
+//! waits at most the hold (docs/benchmarks-server-cpu.md, "Holding a batch open").
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
