@@ -158,7 +158,7 @@ impl Authority {
         let audit = AuditRecord::new(&who.id, "token.issue", &claims.jti, "success", remote);
         let signer = ring.active.signer.clone();
         // announced now, so that the writer holds its batch open for it while it is signed
-        let write = self.store.write_queue().expect();
+        let write = self.store.write_queue().announce();
         let (signed, mut token) = oneshot::channel();
         let (reply, written) = oneshot::channel();
         let ticket = self.sign_queue.submit(move |job: &Handoff| {

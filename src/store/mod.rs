@@ -31,7 +31,7 @@ use crate::audit::{AuditEntry, AuditRecord};
 pub use certs::{CertOp, CertificateRow, RevokedCertificate};
 use db::{Arg, Exec, Pool};
 pub use enroll::EnrollOp;
-pub use queue::{Expected, HOLD, WriteQueue};
+pub use queue::{Announced, HOLD, WriteQueue};
 pub use rows::{
     ApiTokenRow, EnrollmentRow, IssuedToken, MachineRow, RevocationRow, SigningKeyRow, TokenStatus,
 };
@@ -131,7 +131,7 @@ pub struct StoreOptions {
     /// Read pool size.
     pub max_connections: u32,
     /// How long the writer holds a batch open for writes announced and not yet queued
-    /// ([`WriteQueue::expect`]); zero commits every batch at once.
+    /// ([`WriteQueue::announce`]); zero commits every batch at once.
     pub batch_hold: Duration,
 }
 
@@ -157,7 +157,7 @@ pub struct Store {
     url: Arc<StoreUrl>,
     /// PostgreSQL connection settings (for leases), when on PostgreSQL.
     pg: Option<Arc<sqlx::postgres::PgConnectOptions>>,
-    /// Writes announced to the writer and not yet queued ([`WriteQueue::expect`]).
+    /// Writes announced to the writer and not yet queued ([`WriteQueue::announce`]).
     hold: Arc<queue::Hold>,
     /// Batches the writer has committed (or tried to).
     commits: Arc<AtomicU64>,

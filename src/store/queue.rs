@@ -2,7 +2,7 @@
 //!
 //! Issuance signs on a signing thread and hands the token straight to the writer
 //! ([`WriteQueue::submit`]). Before the signature starts, the request announces the write
-//! that will follow it ([`WriteQueue::expect`]). The writer uses the count of announced
+//! that will follow it ([`WriteQueue::announce`]). The writer uses the count of announced
 //! writes to decide how long to keep a batch open: while signatures are under way, their
 //! writes are a fraction of a millisecond away, and one commit for all of them costs one
 //! `fsync` (and one round of statements) instead of several. With nothing announced (one
@@ -32,7 +32,7 @@ pub const HOLD_WRITES: usize = 16;
 /// What the writer and the announcing threads share.
 #[derive(Default)]
 pub(super) struct Hold {
-    /// Writes announced ([`WriteQueue::expect`]) and not yet queued or given up.
+    /// Writes announced ([`WriteQueue::announce`]) and not yet queued or given up.
     coming: AtomicUsize,
     /// While the writer holds a batch open: how many queued writes it waits for (0: not
     /// holding). The thread whose write makes it enough wakes the writer, once; the writes
@@ -80,9 +80,9 @@ impl WriteQueue {
     /// writer holds a batch open, up to its hold, while announced writes are outstanding;
     /// the announcement ends when the write is submitted through it or it is dropped (the
     /// signature failed or was given up).
-    pub fn expect(&self) -> Expected {
+    pub fn announce(self) -> Announced {
         self.hold.coming.fetch_add(1, Ordering::AcqRel);
-        Expected(Some(self.clone()))
+        Announced(Some(self))
     }
 
     /// Writes queued and not yet taken by the writer.
@@ -91,10 +91,10 @@ impl WriteQueue {
     }
 }
 
-/// A write announced and not yet submitted ([`WriteQueue::expect`]).
-pub struct Expected(Option<WriteQueue>);
+/// A write announced and not yet submitted ([`WriteQueue::announce`]).
+pub struct Announced(Option<WriteQueue>);
 
-impl Expected {
+impl Announced {
     /// Submits the announced write ([`WriteQueue::submit`]). The announcement ends first, so
     /// a writer that sees the write never waits for it as one still to come.
     pub fn submit(mut self, ops: Vec<WriteOp>, audit: AuditRecord, reply: oneshot::Sender<WriteResult>) {
@@ -106,7 +106,7 @@ impl Expected {
     }
 }
 
-impl Drop for Expected {
+impl Drop for Announced {
     fn drop(&mut self) {
         if let Some(q) = self.0.take() {
             q.hold.coming.fetch_sub(1, Ordering::AcqRel);
@@ -128,8 +128,10 @@ pub(super) async fn gather(
     // Let the requests that are ready to write (their signatures done) queue up first: one
     // commit for all of them instead of one each. Costs no wait when nothing else is
     // runnable.
-    tokio::task::yield_now().await;
-    drain(rx, batch);
+    if batch.len() < MAX_BATCH {
+        tokio::task::yield_now().await;
+        drain(rx, batch);
+    }
     let until = Instant::now() + hold;
     while batch.len() < HOLD_WRITES && shared.coming.load(Ordering::Acquire) > 0 {
         let Some(left) = until
@@ -143,9 +145,6 @@ pub(super) async fn gather(
         shared.check(rx.len());
         let _ = tokio::time::timeout(left, shared.wake.notified()).await;
         shared.wanted.store(0, Ordering::Release);
-        if rx.is_closed() && rx.is_empty() {
-            break;
-        }
         drain(rx, batch);
     }
 }
@@ -200,7 +199,7 @@ mod tests {
         let q = s.write_queue();
         let before = s.commits();
         let mut replies = Vec::new();
-        let mut announced: Vec<_> = (0..3).map(|_| q.expect()).collect();
+        let mut announced: Vec<_> = (0..3).map(|_| q.clone().announce()).collect();
         for n in 0..3 {
             let (tx, rx) = oneshot::channel();
             replies.push(rx);
@@ -228,7 +227,7 @@ mod tests {
             .expect("a lone write is not held")
             .unwrap();
         let q = s.write_queue();
-        let (first, second) = (q.expect(), q.expect());
+        let (first, second) = (q.clone().announce(), q.announce());
         let (tx, rx) = oneshot::channel();
         first.submit(Vec::new(), record(1), tx);
         std::thread::spawn(move || {
