@@ -35,15 +35,17 @@ async fn a_network_cut_to_postgresql_gives_503s_within_seconds_and_service_resum
     let (wire, via) = wire_to(&env).await;
     let r = Replicas::start(&env, 1, &[("KEYGATE_STORE_URL", via.as_str())]).await;
     let base = r[0].base.clone();
-    issue(&base, &env.admin, json!({"subject": "before", "audience": "a"})).await;
+    let before = issue(&base, &env.admin, json!({"subject": "before", "audience": "a"})).await;
+    let before = before["token"].as_str().unwrap().to_owned();
 
     wire.cut(true);
     let cut_at = Instant::now();
-    // Requests that need the database, several at once: each is answered, 503 with
+    // Requests that need the database (an issuance; introspection of a token of ours, whose
+    // revocation status only the store knows), several at once: each is answered, 503 with
     // Retry-After, within a few seconds; the JWKS, which does not need it, at once.
     let tasks: Vec<_> = (0..6)
         .map(|i| {
-            let (base, admin) = (base.clone(), env.admin.clone());
+            let (base, admin, before) = (base.clone(), env.admin.clone(), before.clone());
             tokio::spawn(async move {
                 let started = Instant::now();
                 let a = if i % 2 == 0 {
@@ -59,7 +61,7 @@ async fn a_network_cut_to_postgresql_gives_503s_within_seconds_and_service_resum
                         &base,
                         "/v1/tokens/introspect",
                         Some(&admin),
-                        json!({"token": "x.y.z"}),
+                        json!({"token": before}),
                     )
                     .await
                 };
@@ -167,5 +169,57 @@ async fn connections_that_go_silent_for_good_are_replaced_and_the_listener_recon
     let mut sse = SseClient::connect(&behind, None).await;
     tokio::time::sleep(Duration::from_secs(15).saturating_sub(severed.elapsed())).await;
     crate::stream::revocation_arrives(&mut sse, &direct, &env.admin).await;
+    drop(r);
+}
+
+/// The status of an issuance sent to `base` with the API token `secret`.
+async fn issue_with(base: &str, secret: &str) -> u16 {
+    post(
+        base,
+        "/v1/tokens",
+        Some(secret),
+        json!({"subject": "s", "audience": "a"}),
+    )
+    .await
+    .map_or(0, |(s, _, _)| s)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_api_token_deleted_elsewhere_is_refused_by_a_replica_that_heard_no_announcement() {
+    // A lease far longer than this test's steps, so that only the lease and the DELETE's
+    // wait for it, not timing luck, can make replica 0 refuse the token.
+    let env = Env::on_postgres("[api_tokens]\ncache_lease_ms = 4000\n").await;
+    let (wire, via) = wire_to(&env).await;
+    let mut r = Replicas::start(&env, 1, &[("KEYGATE_STORE_URL", via.as_str())]).await;
+    r.add(&env, &[]).await;
+    let (behind, direct) = (r[0].base.clone(), r[1].base.clone());
+    let created = crate::common::create_api_token(&direct, &env.admin, &["tokens:issue"], None).await;
+    let secret = created["token"].as_str().unwrap().to_owned();
+    let id = created["id"].as_str().unwrap().to_owned();
+    // Replica 0 reads the token, and may keep it for its lease.
+    assert_eq!(issue_with(&behind, &secret).await, 201);
+
+    // Replica 0's connections go quiet: its listener hears no NOTIFY of the deletion.
+    wire.cut(true);
+    let started = Instant::now();
+    let res = crate::common::delete_authed(&direct, &format!("/v1/api-tokens/{id}"), &env.admin).await;
+    assert_eq!(res.status(), 204);
+    assert!(
+        started.elapsed() >= Duration::from_millis(4000),
+        "the DELETE answered before replica 0's lease on the row had run out"
+    );
+    // Right after the DELETE answered, replica 0 is asked; its store answers once the wire
+    // is back (before a notification could have cleared anything, the request was in).
+    let asked = tokio::spawn({
+        let (behind, secret) = (behind.clone(), secret.clone());
+        async move { issue_with(&behind, &secret).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    wire.cut(false);
+    assert_eq!(
+        asked.await.unwrap(),
+        401,
+        "replica 0 accepted a deleted API token"
+    );
     drop(r);
 }

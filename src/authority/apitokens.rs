@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::collections::HashSet;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use aws_lc_rs::digest;
 use subtle::ConstantTimeEq;
@@ -19,49 +20,69 @@ const CACHE_MAX: usize = 10_000;
 
 /// Verified API-token rows by SHA-256 of the secret.
 ///
-/// Every request used to read its API token from SQLite, a cross-thread round trip that cost
-/// more than the HSM signature (docs/benchmarks-server-cpu.md). Rows are cached after a successful
-/// lookup; expiry is checked on every use; a deletion removes the row from the cache before
-/// the deletion is answered, so a deleted token is refused from the next request on.
-///
-/// That holds because one process serves a SQLite store (`serve` locks the file). On
-/// PostgreSQL another replica may delete a token at any moment, and an announcement of the
-/// deletion could reach this replica after a client that saw the DELETE answered has sent
-/// its next request here: so replicas do not cache, and every request reads its token (one
-/// primary-key lookup; ADR 0011).
+/// Every request used to read its API token from the store, a round trip that cost more than
+/// the HSM signature on SQLite (docs/benchmarks-server-cpu.md) and a sixth of the CPU of an
+/// issuance on PostgreSQL. Rows are cached after a successful lookup; expiry is checked on
+/// every use; a deletion removes the row from this process's cache before the deletion is
+/// even written. How long a row may be used depends on who else writes the store:
+/// - one process serves a SQLite store (`serve` locks the file), so a row is good until this
+///   process deletes it ([`CacheMode::Exclusive`]);
+/// - on PostgreSQL another replica may delete the token at any moment, and its `NOTIFY` may
+///   reach this replica after a client that saw the DELETE answered has sent its next
+///   request here. So a row is good for a lease counted from before it was read
+///   ([`CacheMode::Leased`]), and a DELETE is answered only once a lease has passed since
+///   its commit ([`Cache::settle`]): every row any replica read before the deletion has
+///   expired by then. The `NOTIFY` drops the row sooner; the promise does not rest on it
+///   (ADR 0011).
 pub(crate) struct Cache {
-    enabled: bool,
+    mode: CacheMode,
     inner: Mutex<CacheInner>,
+}
+
+/// How long a cached API-token row may be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CacheMode {
+    /// Until this process deletes the token: no other process writes the store.
+    Exclusive,
+    /// For this long after its read began: other replicas may delete it.
+    Leased(Duration),
+    /// Not at all: every request reads its token.
+    Off,
 }
 
 #[derive(Default)]
 struct CacheInner {
-    rows: HashMap<[u8; 32], ApiTokenRow>,
+    rows: HashMap<[u8; 32], (ApiTokenRow, Option<Instant>)>,
     /// Ids deleted while this process runs: a lookup that raced with the deletion must not
     /// put the row back.
     deleted: HashSet<String>,
 }
 
 impl Cache {
-    /// A cache that keeps rows only when `enabled` (a store no other process writes to).
-    pub(crate) fn new(enabled: bool) -> Cache {
+    pub(crate) fn new(mode: CacheMode) -> Cache {
         Cache {
-            enabled,
+            mode,
             inner: Mutex::new(CacheInner::default()),
         }
     }
 
-    fn get(&self, hash: &[u8; 32]) -> Option<ApiTokenRow> {
-        if !self.enabled {
+    /// The row cached for `hash`, if its lease (if any) is still running at `now`.
+    fn get(&self, hash: &[u8; 32], now: Instant) -> Option<ApiTokenRow> {
+        if self.mode == CacheMode::Off {
             return None;
         }
-        self.inner.lock().ok()?.rows.get(hash).cloned()
+        let c = self.inner.lock().ok()?;
+        let (row, until) = c.rows.get(hash)?;
+        until.is_none_or(|u| now < u).then(|| row.clone())
     }
 
-    fn put(&self, hash: [u8; 32], row: ApiTokenRow) {
-        if !self.enabled {
-            return;
-        }
+    /// Caches `row`, read by a lookup that began at `asked`.
+    fn put(&self, hash: [u8; 32], row: ApiTokenRow, asked: Instant) {
+        let until = match self.mode {
+            CacheMode::Off => return,
+            CacheMode::Exclusive => None,
+            CacheMode::Leased(lease) => Some(asked + lease),
+        };
         if let Ok(mut c) = self.inner.lock() {
             if c.deleted.contains(&row.id) {
                 return;
@@ -69,20 +90,39 @@ impl Cache {
             if c.rows.len() >= CACHE_MAX {
                 c.rows.clear();
             }
-            c.rows.insert(hash, row);
+            c.rows.insert(hash, (row, until));
         }
     }
 
-    fn delete(&self, id: &str) {
+    /// Forgets the token `id` (deleted here or, as announced, on another replica).
+    pub(crate) fn delete(&self, id: &str) {
         if let Ok(mut c) = self.inner.lock() {
-            c.rows.retain(|_, r| r.id != id);
+            c.rows.retain(|_, (r, _)| r.id != id);
             c.deleted.insert(id.to_owned());
         }
     }
 
-    /// True when `id` was deleted by this process (a cached or freshly read row is stale).
+    /// Forgets every row (announcements may have been missed).
+    pub(crate) fn clear(&self) {
+        if let Ok(mut c) = self.inner.lock() {
+            c.rows.clear();
+        }
+    }
+
+    /// True when `id` was deleted while this process runs (a cached or freshly read row is
+    /// stale).
     fn is_deleted(&self, id: &str) -> bool {
         self.inner.lock().map(|c| c.deleted.contains(id)).unwrap_or(true)
+    }
+
+    /// How long a committed deletion waits before it is answered, so that every replica's
+    /// lease on the row has run out: the lease, plus a margin for clocks that tick at
+    /// slightly different rates on different machines (NTP keeps them within 0.05%).
+    pub(crate) fn settle(&self) -> Duration {
+        match self.mode {
+            CacheMode::Leased(lease) => lease + lease / 500 + Duration::from_millis(1),
+            CacheMode::Exclusive | CacheMode::Off => Duration::ZERO,
+        }
     }
 }
 
@@ -229,13 +269,14 @@ impl Authority {
             return Err(refuse("invalid token").await);
         }
         let hash = hash_secret(secret);
-        let row = match self.api_token_cache.get(&hash) {
+        let asked = Instant::now();
+        let row = match self.api_token_cache.get(&hash, asked) {
             Some(row) => row,
             None => {
                 let Some(row) = self.store.api_token_by_hash(&hash).await? else {
                     return Err(refuse("invalid token").await);
                 };
-                self.api_token_cache.put(hash, row.clone());
+                self.api_token_cache.put(hash, row.clone(), asked);
                 row
             }
         };
@@ -316,7 +357,7 @@ impl Authority {
         Ok(self.store.api_tokens().await?)
     }
 
-    /// Deletes an API token; it is refused from the next request on.
+    /// Deletes an API token; once this returns, every replica refuses it.
     pub async fn delete_api_token(&self, actor: &str, id: &str, remote: &str) -> Result<(), AuthorityError> {
         // Refuse the token in this process before the store even hears of the deletion.
         self.api_token_cache.delete(id);
@@ -326,7 +367,21 @@ impl Authority {
                 AuditRecord::new(actor, "api_token.delete", id, "success", remote),
             )
             .await?;
+        // Other replicas may still hold the row on a lease taken before the commit.
+        let settle = self.api_token_cache.settle();
+        if !settle.is_zero() {
+            tokio::time::sleep(settle).await;
+        }
         Ok(())
+    }
+
+    /// Drops the cached row of the API token `id`, announced deleted by another replica, or
+    /// (`None`) every cached row, when announcements may have been missed.
+    pub fn forget_api_tokens(&self, id: Option<&str>) {
+        match id {
+            Some(id) => self.api_token_cache.delete(id),
+            None => self.api_token_cache.clear(),
+        }
     }
 
     /// True when some API token with the `admin` scope exists (for `keygate init`).
@@ -368,6 +423,59 @@ mod tests {
         );
         assert!(parse_scopes(&[]).is_err());
         assert!(parse_scopes(&["tokens:*".into()]).is_err());
+    }
+
+    fn row(id: &str) -> ApiTokenRow {
+        ApiTokenRow {
+            id: id.into(),
+            name: "n".into(),
+            token_hash: vec![1; 32],
+            scopes: "admin".into(),
+            created_at: 0,
+            expires_at: None,
+            created_by: "test".into(),
+        }
+    }
+
+    #[test]
+    fn a_leased_row_is_used_for_its_lease_from_before_its_read_and_no_longer() {
+        let lease = Duration::from_millis(250);
+        let cache = Cache::new(CacheMode::Leased(lease));
+        let asked = Instant::now();
+        cache.put([1; 32], row("at_1"), asked);
+        assert!(
+            cache
+                .get(&[1; 32], asked + lease - Duration::from_millis(1))
+                .is_some()
+        );
+        assert!(cache.get(&[1; 32], asked + lease).is_none());
+        // a deletion answers only after every lease taken before its commit ran out
+        assert!(cache.settle() > lease);
+        // announced from elsewhere: gone at once, and a lookup that raced it is not kept
+        cache.delete("at_1");
+        assert!(cache.get(&[1; 32], asked).is_none());
+        cache.put([1; 32], row("at_1"), asked);
+        assert!(cache.get(&[1; 32], asked).is_none());
+        cache.put([2; 32], row("at_2"), asked);
+        cache.clear();
+        assert!(cache.get(&[2; 32], asked).is_none());
+    }
+
+    #[test]
+    fn one_process_caches_without_a_lease_and_off_caches_nothing() {
+        let asked = Instant::now();
+        let exclusive = Cache::new(CacheMode::Exclusive);
+        exclusive.put([1; 32], row("at_1"), asked);
+        assert!(
+            exclusive
+                .get(&[1; 32], asked + Duration::from_secs(86_400))
+                .is_some()
+        );
+        assert_eq!(exclusive.settle(), Duration::ZERO);
+        let off = Cache::new(CacheMode::Off);
+        off.put([1; 32], row("at_1"), asked);
+        assert!(off.get(&[1; 32], asked).is_none());
+        assert_eq!(off.settle(), Duration::ZERO);
     }
 
     #[test]

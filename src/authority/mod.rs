@@ -96,6 +96,8 @@ pub struct Settings {
     /// Repeated refusals without a verified identity are summed over this window
     /// (`refusals.rs`).
     pub refusal_window: std::time::Duration,
+    /// How long a replica on PostgreSQL may use an API token it read (`apitokens.rs`).
+    pub api_token_lease: std::time::Duration,
 }
 
 impl Settings {
@@ -123,6 +125,7 @@ impl Settings {
             revocation_list_ttl: cfg.tokens.revocation_list_ttl_seconds as i64,
             enroll: EnrollSettings::from_config(cfg)?,
             refusal_window: std::time::Duration::from_secs(cfg.audit.refusal_window_seconds),
+            api_token_lease: std::time::Duration::from_millis(cfg.api_tokens.cache_lease_ms),
         })
     }
 }
@@ -135,8 +138,8 @@ pub struct Authority {
     pub(crate) device: String,
     pub(crate) keys: RwLock<Arc<KeyRing>>,
     pub(crate) settings: Settings,
-    /// API-token rows by secret hash, filled on successful lookups and emptied of a token
-    /// the moment it is deleted (see `apitokens.rs`).
+    /// API-token rows by secret hash, filled on successful lookups, on PostgreSQL for a
+    /// lease only, and emptied of a token the moment it is deleted (see `apitokens.rs`).
     pub(crate) api_token_cache: apitokens::Cache,
     /// Unix ms of the last successful backend probe (0: none or failed).
     last_probe_ok_ms: AtomicI64,
@@ -185,7 +188,11 @@ impl Authority {
             rotation_lock: tokio::sync::Mutex::new(()),
             reload_lock: tokio::sync::Mutex::new(()),
             key_states,
-            api_token_cache: apitokens::Cache::new(store.kind() == crate::store::StoreKind::Sqlite),
+            api_token_cache: apitokens::Cache::new(match store.kind() {
+                crate::store::StoreKind::Sqlite => apitokens::CacheMode::Exclusive,
+                _ if settings.api_token_lease.is_zero() => apitokens::CacheMode::Off,
+                _ => apitokens::CacheMode::Leased(settings.api_token_lease),
+            }),
             device,
             last_probe_ok_ms: AtomicI64::new(0),
             crl_cache: certs::CrlCache::default(),

@@ -213,19 +213,29 @@ async fn audit(authority: Arc<Authority>, every: Duration, lease_every: Duration
     }
 }
 
-/// Reloads the key ring as soon as the store announces a key change (or may have missed
-/// one), on every replica.
+/// Acts on what the store announces, on every replica: reloads the key ring on a key change
+/// and drops a deleted API token from the cache at once (sooner than its lease); after
+/// announcements may have been missed, does both for everything.
 async fn key_changes(authority: Arc<Authority>) {
+    use tokio::sync::broadcast::error::RecvError;
     let mut changes = authority.store().changes();
     loop {
-        match changes.recv().await {
-            Ok(Change::Keys | Change::Resync) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+        let change = changes.recv().await;
+        if let Ok(Change::ApiTokenDeleted(id)) = &change {
+            authority.forget_api_tokens(Some(id));
+            continue;
+        }
+        if matches!(change, Ok(Change::Resync) | Err(RecvError::Lagged(_))) {
+            authority.forget_api_tokens(None);
+        }
+        match change {
+            Ok(Change::Keys | Change::Resync) | Err(RecvError::Lagged(_)) => {
                 if let Err(e) = authority.refresh_keys().await {
                     tracing::warn!(error = %e, "cannot reload the signing keys after a change");
                 }
             }
             Ok(_) => {}
-            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            Err(RecvError::Closed) => return,
         }
     }
 }

@@ -361,6 +361,12 @@ impl Config {
                 "api_tokens.default_ttl_seconds exceeds api_tokens.max_ttl_seconds".into(),
             ));
         }
+        if a.cache_lease_ms > sections::MAX_API_CACHE_LEASE_MS {
+            return Err(ConfigError::Invalid(format!(
+                "api_tokens.cache_lease_ms must be at most {}",
+                sections::MAX_API_CACHE_LEASE_MS
+            )));
+        }
         match (self.backend, &self.pkcs11, &self.tpm) {
             (BackendKind::Tpm, None, None) => {
                 return Err(ConfigError::Invalid(

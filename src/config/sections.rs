@@ -299,7 +299,20 @@ pub struct ApiTokenPolicy {
     pub default_ttl_seconds: u64,
     #[serde(default = "default_api_max_ttl")]
     pub max_ttl_seconds: u64,
+    /// On PostgreSQL, milliseconds a replica may go on accepting an API token it has read
+    /// without reading it again; a DELETE is answered only once this long has passed since
+    /// it committed, so no replica still accepts the token. 0: every request reads its
+    /// token. SQLite, served by one process, caches without a lease.
+    #[serde(default = "default_api_cache_lease_ms")]
+    pub cache_lease_ms: u64,
 }
+
+fn default_api_cache_lease_ms() -> u64 {
+    250
+}
+
+/// Longest `[api_tokens] cache_lease_ms` accepted (a DELETE waits this long).
+pub const MAX_API_CACHE_LEASE_MS: u64 = 10_000;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

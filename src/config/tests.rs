@@ -45,6 +45,7 @@ fn unknown_fields_are_refused() {
 fn bad_values_are_refused() {
     for text in [
         "[api_tokens]\ndefault_ttl_seconds=0",
+        "[api_tokens]\ncache_lease_ms=10001",
         "[ca]\ncountry=\"Germany\"",
         "[ca]\nlifetime_days=0",
         "[pkcs11]\nmodule=\"/x\"\ntoken_label=\"a\"\npin={file=\"/p\"}\nacquire_timeout_ms=0",
