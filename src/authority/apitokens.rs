@@ -21,8 +21,8 @@ const CACHE_MAX: usize = 10_000;
 /// Verified API-token rows by SHA-256 of the secret.
 ///
 /// Every request used to read its API token from the store, a round trip that cost more than
-/// the HSM signature on SQLite (docs/benchmarks-server-cpu.md) and a sixth of the CPU of an
-/// issuance on PostgreSQL. Rows are cached after a successful lookup; expiry is checked on
+/// the HSM signature on SQLite, and on PostgreSQL, with sqlx's test of the connection as it
+/// went back to the pool, a quarter of an issuance's CPU (docs/benchmarks-server-cpu.md). Rows are cached after a successful lookup; expiry is checked on
 /// every use; a deletion removes the row from this process's cache before the deletion is
 /// even written. How long a row may be used depends on who else writes the store:
 /// - one process serves a SQLite store (`serve` locks the file), so a row is good until this
