@@ -270,8 +270,13 @@ impl From<AuthorityError> for ApiError {
             // A conflict or an unknown id is the client's doing, not a fault of the store.
             AuthorityError::Store(StoreError::Conflict(d)) => ApiError::Conflict(d),
             AuthorityError::Store(StoreError::NotFound(d)) => ApiError::NotFound(format!("{d} not found")),
-            // A refused precondition or an open failure is not an outage: logged every time.
-            AuthorityError::Store(e @ (StoreError::Refused(_) | StoreError::Open { .. })) => {
+            // A precondition the store refused (the record changed meanwhile, perhaps on
+            // another replica) that the authority did not turn into an error of its own.
+            AuthorityError::Store(StoreError::Refused(r)) => {
+                ApiError::Conflict(format!("{r}; read the record again and retry"))
+            }
+            // An open failure is not an outage: logged every time.
+            AuthorityError::Store(e @ StoreError::Open { .. }) => {
                 tracing::error!(error = %e, "store failed");
                 ApiError::Unavailable("store")
             }
@@ -396,10 +401,11 @@ mod tests {
             None,
             "500s are logged every time"
         );
-        // a refused precondition is no outage: logged every time too
+        // a refused precondition (the record changed meanwhile, say on another replica) is
+        // a conflict, not an outage: 409, and no "store failed" line
         let refused = || StoreError::Refused(crate::store::Refusal::KeyState);
         for _ in 0..2 {
-            assert_eq!(status_of(AuthorityError::Store(refused())), 503);
+            assert_eq!(status_of(AuthorityError::Store(refused())), 409);
         }
         assert_eq!(repeats_of("store failed", &refused()), None);
         // texts that differ only past 256 bytes are one kind

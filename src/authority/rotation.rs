@@ -338,7 +338,14 @@ impl Authority {
                 vec![op],
                 AuditRecord::new(&who.id, "key.destroy", kid, "success", remote),
             )
-            .await?;
+            .await
+            .map_err(|e| match e {
+                // another replica destroyed it (or changed its state) in the meantime
+                StoreError::Refused(Refusal::KeyState) => AuthorityError::Conflict(format!(
+                    "key {kid} changed state while it was being destroyed; list the keys to see it"
+                )),
+                e => e.into(),
+            })?;
         tracing::info!(kid, uri = %k.uri, "signing key destroyed in the device");
         Ok(())
     }
