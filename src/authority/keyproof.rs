@@ -22,6 +22,11 @@ pub const CHALLENGE_TTL: i64 = 60;
 const MAX_OPEN: usize = 4096;
 /// How long an answer waits for the proof before it (one at a time) to finish.
 const ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a proof's step may take at the device. It creates the EK and the AK in the TPM
+/// (an RSA key generation for an RSA EK: seconds on some TPMs), so it does not get the wait
+/// of a signature (`[tpm] timeout_ms`); with `ANSWER_WAIT` it stays under the 30 s request
+/// timeout. Signatures queued behind a proof wait for it.
+const DEVICE_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
 /// Nonce sizes accepted (TPM2B_DATA holds at most 64 bytes).
 const NONCE_LEN: std::ops::RangeInclusive<usize> = 16..=64;
 /// Largest credential part accepted (a TPM2B_ID_OBJECT or TPM2B_ENCRYPTED_SECRET of an
@@ -130,7 +135,9 @@ impl Authority {
     ) -> Result<ProofChallenge, AuthorityError> {
         let uri = self.proof_key(kid)?;
         let backend = self.backend.clone();
-        let evidence = self.sign_blocking(move || backend.key_evidence(&uri)).await??;
+        let evidence = self
+            .device_blocking(DEVICE_WAIT, move || backend.key_evidence(&uri))
+            .await??;
         let challenge = match &evidence {
             KeyEvidence::Tpm(_) => Some(self.proof_challenges.open(kid)?),
             KeyEvidence::Pkcs11(_) => {
@@ -184,7 +191,7 @@ impl Authority {
         };
         let backend = self.backend.clone();
         let r = self
-            .sign_blocking(move || {
+            .device_blocking(DEVICE_WAIT, move || {
                 backend.certify_key(&uri, &answer.id_object, &answer.encrypted_secret, &answer.nonce)
             })
             .await?;

@@ -244,6 +244,16 @@ impl Authority {
         Ok(self.sign_queue.run(f).await?)
     }
 
+    /// Like [`Authority::sign_blocking`], for a device operation that may take up to `wait`
+    /// (a key proof) instead of a signature's wait.
+    pub(crate) async fn device_blocking<T: Send + 'static>(
+        &self,
+        wait: std::time::Duration,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, AuthorityError> {
+        Ok(self.sign_queue.run_long(wait, f).await?)
+    }
+
     pub fn settings(&self) -> &Settings {
         &self.settings
     }

@@ -18,6 +18,8 @@
 //! refused at once with [`KeyError::Busy`] (a fast 503 with `Retry-After`) instead of
 //! joining a queue it could only time out in. So under a burst the device stays busy,
 //! admitted requests wait at most about `wait`, and the others learn it in microseconds.
+//! A long device operation (a key proof) runs with a wait of its own
+//! ([`SignQueue::run_long`]) and is left out of the average.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -30,6 +32,9 @@ struct Job {
     deadline: Instant,
     state: Arc<AtomicU8>,
     run: Box<dyn FnOnce(&Handoff) + Send>,
+    /// Whether its run time teaches the moving average (a signature's does; a key proof's,
+    /// seconds long and rare, would make the queue refuse signatures after it).
+    sampled: bool,
 }
 
 /// A job's state, shared by its signing thread and its caller.
@@ -142,6 +147,9 @@ impl SignQueue {
                             (job.run)(&Handoff {
                                 state: job.state.clone(),
                             });
+                            if !job.sampled {
+                                continue;
+                            }
                             let took = started.elapsed().as_nanos().min(u64::MAX as u128) as u64;
                             // an eighth of the new sample: follows a slowing device in a few jobs
                             let old = job_ns.load(Ordering::Relaxed);
@@ -176,37 +184,72 @@ impl SignQueue {
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, KeyError> {
+        self.run_within(self.wait, true, f).await
+    }
+
+    /// Runs a long device operation (a key proof: the TPM creates keys) that may take up to
+    /// `wait`, rather than a signature's wait, and whose run time is left out of the average
+    /// that load shedding uses. Signatures queued behind it wait for it like for any job.
+    pub async fn run_long<T: Send + 'static>(
+        &self,
+        wait: Duration,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, KeyError> {
+        self.run_within(wait, false, f).await
+    }
+
+    async fn run_within<T: Send + 'static>(
+        &self,
+        wait: Duration,
+        sampled: bool,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, KeyError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let ticket = self.submit(move |h: &Handoff| {
-            let v = f();
-            if h.finish() {
-                let _ = tx.send(v);
-            }
-        })?;
+        let ticket = self.queue(
+            Box::new(move |h: &Handoff| {
+                let v = f();
+                if h.finish() {
+                    let _ = tx.send(v);
+                }
+            }),
+            wait,
+            sampled,
+        )?;
         // a closed channel: the job was dropped unrun (the queue is shutting down)
-        ticket.wait(rx).await?.map_err(|_| KeyError::Busy(self.wait_ms()))
+        let wait_ms = ticket.wait_ms;
+        ticket.wait(rx).await?.map_err(|_| KeyError::Busy(wait_ms))
     }
 
     /// Queues `f` to run on a signing thread and returns at once; `f` hands its result on
     /// itself, after [`Handoff::finish`]. The caller waits with the [`Ticket`]. Refused
     /// ([`KeyError::Busy`]) when the queue could not run it within the wait.
     pub fn submit(&self, f: impl FnOnce(&Handoff) + Send + 'static) -> Result<Ticket, KeyError> {
-        let wait_ms = self.wait_ms();
+        self.queue(Box::new(f), self.wait, true)
+    }
+
+    fn queue(
+        &self,
+        run: Box<dyn FnOnce(&Handoff) + Send>,
+        wait: Duration,
+        sampled: bool,
+    ) -> Result<Ticket, KeyError> {
+        let wait_ms = wait.as_millis() as u64;
         // queued jobs, one running on each thread, and this one; against 90% of the wait,
         // so that an admitted job is not refused by its own deadline on a jittery machine
         let ahead = self.tx.len() as u64 + self.threads + 1;
         let expected = Duration::from_nanos(ahead * self.job_ns.load(Ordering::Relaxed) / self.threads);
         // An empty queue always admits: the average must keep learning after a stall.
-        if !self.tx.is_empty() && expected > self.wait.mul_f32(0.9) {
+        if !self.tx.is_empty() && expected > wait.mul_f32(0.9) {
             metrics::counter!("keygate_backend_shed_total").increment(1);
             return Err(KeyError::Busy(wait_ms));
         }
         let state = Arc::new(AtomicU8::new(QUEUED));
-        let deadline = Instant::now() + self.wait;
+        let deadline = Instant::now() + wait;
         let job = Job {
             deadline,
             state: state.clone(),
-            run: Box::new(f),
+            run,
+            sampled,
         };
         self.tx.try_send(job).map_err(|_| KeyError::Busy(wait_ms))?;
         Ok(Ticket {
@@ -334,5 +377,33 @@ mod tests {
             ok,
             "a refused job ran, or an admitted one timed out"
         );
+    }
+
+    #[tokio::test]
+    async fn a_long_job_gets_its_own_wait_and_does_not_teach_the_average() {
+        let q = SignQueue::start(1, Duration::from_millis(50)).unwrap();
+        q.run(|| std::thread::sleep(Duration::from_millis(1)))
+            .await
+            .unwrap();
+        // far past a signature's wait, within its own
+        let v = q
+            .run_long(Duration::from_secs(5), || {
+                std::thread::sleep(Duration::from_millis(300));
+                9
+            })
+            .await
+            .unwrap();
+        assert_eq!(v, 9);
+        // a long job past its own wait is given up like any other
+        let late = q
+            .run_long(Duration::from_millis(100), || {
+                std::thread::sleep(Duration::from_millis(300))
+            })
+            .await;
+        assert!(matches!(late, Err(KeyError::Busy(100))), "{late:?}");
+        std::thread::sleep(Duration::from_millis(250));
+        // the average still describes a signature, so signatures are not shed after a proof
+        let avg = Duration::from_nanos(q.job_ns.load(Ordering::Relaxed));
+        assert!(avg < Duration::from_millis(20), "average {avg:?}");
     }
 }
