@@ -22,9 +22,10 @@ const CACHE_MAX: usize = 10_000;
 ///
 /// Every request used to read its API token from the store, a round trip that cost more than
 /// the HSM signature on SQLite, and on PostgreSQL, with sqlx's test of the connection as it
-/// went back to the pool, a quarter of an issuance's CPU (docs/benchmarks-server-cpu.md). Rows are cached after a successful lookup; expiry is checked on
-/// every use; a deletion removes the row from this process's cache before the deletion is
-/// even written. How long a row may be used depends on who else writes the store:
+/// went back to the pool, a quarter of an issuance's CPU (docs/benchmarks-server-cpu.md).
+/// Rows are cached after a successful lookup; expiry is checked on every use; a deletion
+/// removes the row from this process's cache before the deletion is even written. How long
+/// a row may be used depends on who else writes the store:
 /// - one process serves a SQLite store (`serve` locks the file), so a row is good until this
 ///   process deletes it ([`CacheMode::Exclusive`]);
 /// - on PostgreSQL another replica may delete the token at any moment, and its `NOTIFY` may
