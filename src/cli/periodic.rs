@@ -44,7 +44,7 @@ pub fn start(authority: Arc<Authority>, config: &Config) -> Periodic {
         tokio::spawn(audit(authority.clone(), checkpoint_every, lease_every)),
         tokio::spawn(refusal_summaries(authority.clone())),
         tokio::spawn(health(authority.clone())),
-        tokio::spawn(key_changes(authority)),
+        tokio::spawn(store_changes(authority)),
     ])
 }
 
@@ -216,26 +216,25 @@ async fn audit(authority: Arc<Authority>, every: Duration, lease_every: Duration
 /// Acts on what the store announces, on every replica: reloads the key ring on a key change
 /// and drops a deleted API token from the cache at once (sooner than its lease); after
 /// announcements may have been missed, does both for everything.
-async fn key_changes(authority: Arc<Authority>) {
+async fn store_changes(authority: Arc<Authority>) {
     use tokio::sync::broadcast::error::RecvError;
     let mut changes = authority.store().changes();
     loop {
-        let change = changes.recv().await;
-        if let Ok(Change::ApiTokenDeleted(id)) = &change {
-            authority.forget_api_tokens(Some(id));
-            continue;
-        }
-        if matches!(change, Ok(Change::Resync) | Err(RecvError::Lagged(_))) {
-            authority.forget_api_tokens(None);
-        }
-        match change {
-            Ok(Change::Keys | Change::Resync) | Err(RecvError::Lagged(_)) => {
-                if let Err(e) = authority.refresh_keys().await {
-                    tracing::warn!(error = %e, "cannot reload the signing keys after a change");
-                }
+        match changes.recv().await {
+            Ok(Change::ApiTokenDeleted(id)) => authority.forget_api_tokens(Some(&id)),
+            Ok(Change::Keys) => reload_keys(&authority).await,
+            Ok(Change::Resync) | Err(RecvError::Lagged(_)) => {
+                authority.forget_api_tokens(None);
+                reload_keys(&authority).await;
             }
-            Ok(_) => {}
+            Ok(Change::Revoked) => {}
             Err(RecvError::Closed) => return,
         }
+    }
+}
+
+async fn reload_keys(authority: &Authority) {
+    if let Err(e) = authority.refresh_keys().await {
+        tracing::warn!(error = %e, "cannot reload the signing keys after a change");
     }
 }
