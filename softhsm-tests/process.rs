@@ -372,3 +372,54 @@ async fn a_second_serve_on_one_sqlite_file_refuses_and_writes_nothing() {
     );
     assert_eq!(env.counts().await, before, "the refused serve wrote to the store");
 }
+
+/// The access log at the default level: one INFO line per answered request, naming the
+/// method, the path as sent, the matched route (or `unmatched`), the request id the client
+/// sent (or the one keygate gave it, as answered in `x-request-id`), the status and latency.
+#[tokio::test(flavor = "multi_thread")]
+async fn each_answered_request_is_one_line_with_its_request_id_route_and_status() {
+    let env = Env::new().await;
+    let log = env.dir.path().join("serve.log");
+    let server = Server::start(&env, &log, &[]).await;
+    let base = env.base_url();
+    let http = reqwest::Client::new();
+    let sent = http
+        .get(format!("{base}/v1/keys"))
+        .header("x-request-id", "probe-7f3a")
+        .bearer_auth(format!("kg_{}", "Q".repeat(43)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sent.status(), 401);
+    assert_eq!(sent.headers()["x-request-id"], "probe-7f3a");
+    let given = http.get(format!("{base}/no/such/page")).send().await.unwrap();
+    assert_eq!(given.status(), 404);
+    let given_id = given.headers()["x-request-id"].to_str().unwrap().to_owned();
+    server.stop();
+
+    let text = std::fs::read_to_string(&log).unwrap();
+    let line_of = |id: &str| -> String {
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("answered") && l.contains(&format!("request_id={id}")))
+            .collect();
+        assert_eq!(lines.len(), 1, "one access line for {id}: {text}");
+        lines[0].to_owned()
+    };
+    let line = line_of("probe-7f3a");
+    for part in [
+        " INFO ",
+        "method=GET",
+        "path=/v1/keys",
+        "route=\"/v1/keys\"",
+        "status=401",
+        "latency_ms=",
+    ] {
+        assert!(line.contains(part), "{part} missing in {line}");
+    }
+    assert!(!line.contains("kg_Q"), "the credential is not logged: {line}");
+    let line = line_of(&given_id);
+    for part in ["path=/no/such/page", "route=\"unmatched\"", "status=404"] {
+        assert!(line.contains(part), "{part} missing in {line}");
+    }
+}
