@@ -175,9 +175,11 @@ impl Authority {
                 Err(e) => drop(signed.send(Err(e))),
             }
         })?;
-        // The store's bound (PostgreSQL) counts from here, so it is given the device wait on
-        // top: a job not finished by then is given up by the ticket first, never by the store.
-        let answer = self.store.answer(written, self.sign_queue.wait());
+        // The store's bound (PostgreSQL) counts from when the signature was made and the
+        // token handed to the writer, right after the job finished; until then the ticket's
+        // device wait bounds the request, and a job not finished by its end is given up.
+        let finished = ticket.finished();
+        let answer = self.store.answer(written, move || finished.at());
         let written = ticket.wait(answer).await?;
         let token = match token.try_recv() {
             Ok(Ok(t)) => t,

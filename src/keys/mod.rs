@@ -12,7 +12,7 @@ pub mod secret;
 pub mod signer;
 pub mod tpm;
 
-pub use queue::{Handoff, SignQueue, Ticket};
+pub use queue::{Finished, Handoff, SignQueue, Ticket};
 pub use secret::SecretSource;
 pub use signer::HardwareSigner;
 

@@ -22,22 +22,29 @@
 //! ([`SignQueue::run_long`]) and is left out of the average.
 
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use super::KeyError;
 
 struct Job {
     deadline: Instant,
-    state: Arc<AtomicU8>,
+    state: Arc<Shared>,
     run: Box<dyn FnOnce(&Handoff) + Send>,
     /// Whether its run time teaches the moving average (a signature's does; a key proof's,
     /// seconds long and rare, would make the queue refuse signatures after it).
     sampled: bool,
 }
 
-/// A job's state, shared by its signing thread and its caller.
+/// A job's state and when its device work finished, shared by its signing thread and its
+/// caller.
+struct Shared {
+    state: AtomicU8,
+    finished_at: OnceLock<Instant>,
+}
+
+/// A job's state.
 const QUEUED: u8 = 0;
 const RUNNING: u8 = 1;
 /// It finished its device work and may hand its result on.
@@ -47,7 +54,7 @@ const ABANDONED: u8 = 3;
 
 /// What a running job holds: the right to hand its result on.
 pub struct Handoff {
-    state: Arc<AtomicU8>,
+    state: Arc<Shared>,
 }
 
 impl Handoff {
@@ -55,7 +62,10 @@ impl Handoff {
     /// its result on, and the caller waits for it past the wait. False when the caller gave
     /// up: the result must be dropped.
     pub fn finish(&self) -> bool {
+        // the time first: a caller that sees the job finished finds when
+        let _ = self.state.finished_at.set(Instant::now());
         self.state
+            .state
             .compare_exchange(RUNNING, FINISHED, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
     }
@@ -64,7 +74,7 @@ impl Handoff {
 /// A queued job, seen from its caller.
 #[must_use = "a ticket is how the caller learns that the wait passed"]
 pub struct Ticket {
-    state: Arc<AtomicU8>,
+    state: Arc<Shared>,
     deadline: Instant,
     /// The wait, in milliseconds (for [`KeyError::Busy`]).
     wait_ms: u64,
@@ -89,13 +99,30 @@ impl Ticket {
         }
     }
 
+    /// When the job's device work finished, read at any time (None: not yet).
+    pub fn finished(&self) -> Finished {
+        Finished(self.state.clone())
+    }
+
     /// Gives the job up unless it has finished; true when it was given up now.
     fn abandon(&self) -> bool {
         [QUEUED, RUNNING].into_iter().any(|from| {
             self.state
+                .state
                 .compare_exchange(from, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
         })
+    }
+}
+
+/// When a job finished its device work ([`Ticket::finished`]): a job that hands its result
+/// on does so right after, so this is when the next stage got it.
+pub struct Finished(Arc<Shared>);
+
+impl Finished {
+    /// None while the job is queued or in the device.
+    pub fn at(&self) -> Option<Instant> {
+        self.0.finished_at.get().copied()
     }
 }
 
@@ -139,6 +166,7 @@ impl SignQueue {
                     while let Ok(job) = rx.recv() {
                         let claimed = || {
                             job.state
+                                .state
                                 .compare_exchange(QUEUED, RUNNING, Ordering::AcqRel, Ordering::Acquire)
                                 .is_ok()
                         };
@@ -243,7 +271,10 @@ impl SignQueue {
             metrics::counter!("keygate_backend_shed_total").increment(1);
             return Err(KeyError::Busy(wait_ms));
         }
-        let state = Arc::new(AtomicU8::new(QUEUED));
+        let state = Arc::new(Shared {
+            state: AtomicU8::new(QUEUED),
+            finished_at: OnceLock::new(),
+        });
         let deadline = Instant::now() + wait;
         let job = Job {
             deadline,
@@ -301,7 +332,11 @@ mod tests {
                 });
             })
             .unwrap();
+        let finished = ticket.finished();
         assert_eq!(ticket.wait(rx).await.unwrap(), Ok(5));
+        // it finished at once, and the caller can tell when (the hand-on took 300 ms more)
+        let at = finished.at().expect("a finished job has its time");
+        assert!(at.elapsed() >= Duration::from_millis(250), "{:?}", at.elapsed());
         // still in the device at the wait: the caller hears Busy, the job may not hand on
         let finished = Arc::new(std::sync::Mutex::new(None));
         let f2 = finished.clone();
@@ -313,8 +348,9 @@ mod tests {
                 drop(tx);
             })
             .unwrap();
-        let started = Instant::now();
+        let (started, done) = (Instant::now(), ticket.finished());
         assert!(matches!(ticket.wait(rx).await, Err(KeyError::Busy(100))));
+        assert!(done.at().is_none(), "still in the device");
         assert!(started.elapsed() < Duration::from_millis(250));
         std::thread::sleep(Duration::from_millis(350));
         assert_eq!(

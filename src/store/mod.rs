@@ -22,7 +22,7 @@ mod writer;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use secrecy::SecretString;
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -240,7 +240,7 @@ impl Store {
     /// Applies `ops` and appends `audit` to the log, atomically: either all of it is
     /// committed or none. Returns rows affected per op.
     pub async fn write(&self, ops: Vec<WriteOp>, audit: AuditRecord) -> Result<Vec<u64>, StoreError> {
-        self.bounded(Duration::ZERO, async {
+        self.bounded(async {
             let (reply, rx) = oneshot::channel();
             self.jobs
                 .send(Job { ops, audit, reply })
@@ -266,28 +266,45 @@ impl Store {
         self.commits.load(Ordering::Relaxed)
     }
 
-    /// The answer to a write queued with [`WriteQueue::submit`], within the bound of
-    /// [`Store::write`] plus `before` (how long the write may take to be queued). A reply
-    /// dropped unanswered is [`StoreError::Unavailable`].
-    pub async fn answer(&self, rx: oneshot::Receiver<WriteResult>, before: Duration) -> WriteResult {
-        self.bounded(before, async {
+    /// The answer to a write queued with [`WriteQueue::submit`] by another thread, within
+    /// the bound of [`Store::write`] counted from when it was queued: `queued_at` says when
+    /// (None: not yet; the caller bounds that part of its wait itself). A reply dropped
+    /// unanswered is [`StoreError::Unavailable`].
+    pub async fn answer(
+        &self,
+        rx: oneshot::Receiver<WriteResult>,
+        queued_at: impl Fn() -> Option<Instant>,
+    ) -> WriteResult {
+        let answer = async {
             rx.await
                 .map_err(|_| StoreError::Unavailable("the write was not queued".into()))?
-        })
-        .await
-    }
-
-    /// PostgreSQL: a caller is answered within a bound (plus `before`) even when the
-    /// database stopped answering; the write may still commit later (ADR 0011, "Faults").
-    async fn bounded(
-        &self,
-        before: Duration,
-        answer: impl std::future::Future<Output = WriteResult>,
-    ) -> WriteResult {
+        };
         if self.pg.is_none() {
             return answer.await;
         }
-        tokio::time::timeout(postgres::WRITE_WAIT + before, answer)
+        let mut answer = std::pin::pin!(answer);
+        loop {
+            let from = queued_at().unwrap_or_else(Instant::now);
+            if let Ok(r) = tokio::time::timeout_at((from + postgres::WRITE_WAIT).into(), &mut answer).await {
+                return r;
+            }
+            // Not queued when this wait began (the signature was still being made), or
+            // queued since: the bound runs from then.
+            if queued_at().is_some_and(|t| t.elapsed() >= postgres::WRITE_WAIT) {
+                return Err(StoreError::Unavailable(
+                    "the database did not answer in time".into(),
+                ));
+            }
+        }
+    }
+
+    /// PostgreSQL: a caller is answered within a bound even when the database stopped
+    /// answering; the write may still commit later (ADR 0011, "Faults").
+    async fn bounded(&self, answer: impl std::future::Future<Output = WriteResult>) -> WriteResult {
+        if self.pg.is_none() {
+            return answer.await;
+        }
+        tokio::time::timeout(postgres::WRITE_WAIT, answer)
             .await
             .unwrap_or_else(|_| {
                 Err(StoreError::Unavailable(
