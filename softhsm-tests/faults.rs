@@ -330,6 +330,19 @@ async fn postgres_crashed_and_restarted_under_load_gives_only_201_or_503_then_re
     assert!(outage_statuses > 0);
     assert!(recovered < Duration::from_secs(40));
     everything_told_is_stored(&env, &told).await;
+    // Every batch failed during the outage, the same few ways: the log says so once per
+    // way (and how many more when it ends), not once per batch.
+    for i in 0..2 {
+        let lines = r[i]
+            .log_text()
+            .lines()
+            .filter(|l| l.contains("store commit failed"))
+            .count();
+        assert!(
+            lines <= 8,
+            "replica {i} wrote {lines} 'store commit failed' lines for one outage"
+        );
+    }
 
     // The change listener reconnected too: a revocation on one replica reaches a stream on
     // the other.

@@ -6,8 +6,8 @@
 //! error says how many more there were (`repeated`, over `seconds`). Past 64 distinct lines
 //! in a window (`authority::refusals::MAX_KINDS`) the rest are only counted, in one line
 //! "store or key backend failures of other kinds". So these two lines no longer come once
-//! per refused request; other lines still do (the access log's `answered`, the writer's
-//! `store commit failed` per failed batch). Errors that answer 500 are not aggregated: each
+//! per refused request; other lines still do (the access log's `answered`). The writer's
+//! `store commit failed` is aggregated the same way, in the store (`store/failures.rs`). Errors that answer 500 are not aggregated: each
 //! is logged with its request. Every refusal is counted in `keygate_requests_failed_total`.
 //! The aggregation is `authority::Repeats`, as for refusals, with a window of its own.
 //! `/readyz`, which anyone may call, writes its WARN lines (`readiness: …`) the same way.

@@ -12,6 +12,7 @@
 mod certs;
 mod db;
 mod enroll;
+mod failures;
 mod issued;
 mod postgres;
 mod queue;

@@ -18,6 +18,7 @@ use std::time::Duration;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::db::{Arg, Exec};
+use super::failures::CommitFailures;
 use super::rows::{ApiTokenRow, IssuedToken, SigningKeyRow};
 use super::{Change, Refusal, StoreError, StoreKind};
 use crate::audit::{self, AuditRecord};
@@ -123,6 +124,7 @@ pub(super) async fn run(
     commits: Arc<AtomicU64>,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut failures = CommitFailures::default();
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
         super::queue::gather(&mut rx, &mut batch, &shared, hold).await;
         // A caller that stopped waiting (PostgreSQL: `Store::write` answers within a bound)
@@ -130,12 +132,12 @@ pub(super) async fn run(
         batch.retain(|j| !j.reply.is_closed());
         let jobs = std::mem::take(&mut batch);
         if jobs.iter().all(Job::bulk_ok) {
-            commit(&mut conn, jobs, &changes, &commits).await;
+            commit(&mut conn, jobs, &changes, &commits, &mut failures).await;
         } else {
             let mut jobs = jobs;
             while !jobs.is_empty() {
                 let rest = jobs.split_off(jobs.len().min(MAX_CAREFUL));
-                commit(&mut conn, jobs, &changes, &commits).await;
+                commit(&mut conn, jobs, &changes, &commits, &mut failures).await;
                 jobs = rest;
             }
         }
@@ -144,7 +146,13 @@ pub(super) async fn run(
 }
 
 /// Commits `jobs` as one batch and answers each caller.
-async fn commit(conn: &mut Conn, jobs: Vec<Job>, changes: &broadcast::Sender<Change>, commits: &AtomicU64) {
+async fn commit(
+    conn: &mut Conn,
+    jobs: Vec<Job>,
+    changes: &broadcast::Sender<Change>,
+    commits: &AtomicU64,
+    failures: &mut CommitFailures,
+) {
     if jobs.is_empty() {
         return;
     }
@@ -155,9 +163,12 @@ async fn commit(conn: &mut Conn, jobs: Vec<Job>, changes: &broadcast::Sender<Cha
         Conn::Postgres(w) => w.commit(&jobs).await,
     };
     let results: Vec<Result<Applied, StoreError>> = match outcome {
-        Ok(b) => b.results,
+        Ok(b) => {
+            failures.committed();
+            b.results
+        }
         Err(e) => {
-            tracing::error!(error = %e, writes = jobs.len(), "store commit failed");
+            failures.failed(&e, jobs.len());
             jobs.iter().map(|_| Err(failed_batch(&e))).collect()
         }
     };
