@@ -292,9 +292,7 @@ impl Store {
             // Not queued when this wait began (the signature was still being made), or
             // queued since: the bound runs from then.
             if queued_at().is_some_and(|t| t.elapsed() >= postgres::WRITE_WAIT) {
-                return Err(StoreError::Unavailable(
-                    "the database did not answer in time".into(),
-                ));
+                return Err(postgres::no_answer());
             }
         }
     }
@@ -307,11 +305,7 @@ impl Store {
         }
         tokio::time::timeout(postgres::WRITE_WAIT, answer)
             .await
-            .unwrap_or_else(|_| {
-                Err(StoreError::Unavailable(
-                    "the database did not answer in time".into(),
-                ))
-            })
+            .unwrap_or_else(|_| Err(postgres::no_answer()))
     }
 
     /// Appends an audit entry alone (a refusal, say).

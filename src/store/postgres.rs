@@ -42,6 +42,11 @@ const BATCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// times out included) before it is told the store is unavailable.
 pub(super) const WRITE_WAIT: Duration = Duration::from_secs(6);
 
+/// What a wait for the database that ran out of time is answered.
+pub(super) fn no_answer() -> StoreError {
+    StoreError::Unavailable("the database did not answer in time".into())
+}
+
 /// Session settings of every connection: nothing waits on the database for long.
 const SESSION: [(&str, &str); 3] = [
     ("lock_timeout", "5s"),
@@ -134,11 +139,7 @@ impl PgWriter {
     /// connection, so the next one starts on a fresh one.
     pub(super) async fn commit(&mut self, jobs: &[Job]) -> Result<Batch, StoreError> {
         let r = tokio::time::timeout(BATCH_TIMEOUT, self.commit_inner(jobs)).await;
-        let r = r.unwrap_or_else(|_| {
-            Err(StoreError::Unavailable(
-                "the database did not answer in time".into(),
-            ))
-        });
+        let r = r.unwrap_or_else(|_| Err(no_answer()));
         if r.is_err() {
             self.conn = None;
         }
